@@ -1,0 +1,344 @@
+"""Model adapters and NTK-parameterized builders.
+
+Everything downstream of this module sees a model as a pure function
+``apply_fn(params, x) -> (N, K)`` together with a params pytree. This module
+turns the three kinds of model users bring into that form:
+
+* a flax ``nnx.Module``: split into ``(graphdef, Param state, rest)``; the
+  ``nnx.Param`` state is the differentiable pytree, everything else (batch
+  statistics, RNG counters) is held fixed;
+* a flax linen module's ``apply`` (or the module itself) with its variables:
+  the ``"params"`` collection is differentiable, other collections are fixed;
+* a plain ``(apply_fn, params)`` pair, passed through unchanged.
+
+It also builds the networks of the NTK literature, in both parameterizations:
+
+* NTK:      ``W, b ~ N(0, 1)``,                 ``z = σ_w/√fan_in · a W + σ_b · b``
+* standard: ``W ~ N(0, σ_w²/fan_in), b ~ N(0, σ_b²)``, ``z = a W + b``
+
+Both give the same function at initialization in distribution; they differ in
+how the gradient scales with width (Jacot et al. 2018; Lee et al. 2019).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = [
+    "ACTIVATIONS",
+    "PARAMETERIZATIONS",
+    "as_apply_fn",
+    "NTKDense",
+    "NTKConv",
+    "MLP",
+    "CNN",
+    "mlp",
+    "cnn",
+]
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def _erf(x):
+    return jax.scipy.special.erf(x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "erf": _erf,
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+    "gelu": jax.nn.gelu,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+}
+
+PARAMETERIZATIONS = ("ntk", "standard")
+
+
+# --------------------------------------------------------------------------- #
+# adapters
+# --------------------------------------------------------------------------- #
+
+
+def _is_linen_module(obj) -> bool:
+    try:
+        from flax import linen
+    except ImportError:  # pragma: no cover - flax always ships linen today
+        return False
+    return isinstance(obj, linen.Module)
+
+
+def as_apply_fn(model, apply_fn: ApplyFn | None = None) -> tuple[ApplyFn, Any]:
+    """Return ``(apply_fn, params)`` with ``apply_fn(params, x)`` pure.
+
+    Args:
+      model: a flax ``nnx.Module`` (then ``apply_fn`` must be None), or the
+        params / linen variables pytree that ``apply_fn`` takes.
+      apply_fn: ``apply_fn(params, x)``; a linen module or its bound ``apply``
+        (then ``model`` is the linen variables dict and only its
+        ``"params"`` collection is differentiated).
+
+    Returns:
+      ``(apply_fn, params)``. For an NNX module ``params`` is the
+      ``nnx.Param`` state (a pytree; put trained values back with
+      ``nnx.update(module, params)``); for linen it is ``variables["params"]``.
+    """
+    if isinstance(model, nnx.Module):
+        if apply_fn is not None:
+            raise TypeError(
+                "apply_fn: must be None when params is a flax nnx.Module "
+                f"(the module is its own apply function); got {apply_fn!r}"
+            )
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def nnx_apply(p, x):
+            return nnx.merge(graphdef, p, rest)(x)
+
+        return nnx_apply, params
+
+    if apply_fn is None:
+        raise TypeError(
+            "apply_fn: required when params is a pytree (got params of type "
+            f"{type(model).__name__}); pass apply_fn(params, x) -> (N, K), or "
+            "pass a flax nnx.Module as params"
+        )
+
+    linen_module = None
+    if _is_linen_module(apply_fn):
+        linen_module = apply_fn
+    elif _is_linen_module(getattr(apply_fn, "__self__", None)):
+        linen_module = apply_fn.__self__
+    if linen_module is not None:
+        if not (hasattr(model, "keys") and "params" in model):
+            raise TypeError(
+                "params: for a linen module pass its variables dict, with a "
+                f"'params' collection; got {type(model).__name__}"
+            )
+        rest = {k: v for k, v in model.items() if k != "params"}
+
+        def linen_apply(p, x):
+            return linen_module.apply({**rest, "params": p}, x)
+
+        return linen_apply, model["params"]
+
+    if not callable(apply_fn):
+        raise TypeError(f"apply_fn: expected a callable apply_fn(params, x), got {apply_fn!r}")
+    return apply_fn, model
+
+
+# --------------------------------------------------------------------------- #
+# layers
+# --------------------------------------------------------------------------- #
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")
+
+
+def _init_scales(parameterization: str, fan_in: int, sigma_w: float, sigma_b: float):
+    """(init std of W, init std of b, forward multiplier of W, of b)."""
+    if parameterization == "ntk":
+        return 1.0, 1.0, sigma_w / math.sqrt(fan_in), sigma_b
+    return sigma_w / math.sqrt(fan_in), sigma_b, 1.0, 1.0
+
+
+class NTKDense(nnx.Module):
+    """Dense layer ``z = w_mult · (a @ kernel) + b_mult · bias``.
+
+    ``kernel`` has shape (fan_in, fan_out), ``bias`` (fan_out,) — the names of
+    ``nnx.Linear`` so tools that recognise dense layers recognise this one.
+    ``sigma_b=None`` drops the bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        parameterization: str = "ntk",
+        sigma_w: float = 1.0,
+        sigma_b: float | None = 0.0,
+        rngs: nnx.Rngs,
+        dtype=None,
+    ):
+        _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+        if in_features < 1 or out_features < 1:
+            raise ValueError(
+                f"in_features/out_features: expected positive sizes, got {in_features}, {out_features}"
+            )
+        dtype = dtype or jnp.result_type(float)
+        w_std, b_std, self.w_mult, self.b_mult = _init_scales(
+            parameterization, in_features, sigma_w, sigma_b or 0.0
+        )
+        self.kernel = nnx.Param(w_std * jax.random.normal(rngs.params(), (in_features, out_features), dtype))
+        self.bias = (
+            None
+            if sigma_b is None
+            else nnx.Param(b_std * jax.random.normal(rngs.params(), (out_features,), dtype))
+        )
+
+    def __call__(self, a):
+        z = self.w_mult * (a @ self.kernel[...])
+        if self.bias is not None:
+            z = z + self.b_mult * self.bias[...]
+        return z
+
+
+class NTKConv(nnx.Module):
+    """2-D convolution, NHWC inputs, HWIO ``kernel``; NTK or standard scaling.
+
+    ``fan_in = kh · kw · c_in``. ``padding`` is ``"SAME"``/``"VALID"`` or
+    explicit pairs, ``strides`` an int or pair.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int] = 3,
+        *,
+        strides: int | Sequence[int] = 1,
+        padding="SAME",
+        parameterization: str = "ntk",
+        sigma_w: float = 1.0,
+        sigma_b: float | None = 0.0,
+        rngs: nnx.Rngs,
+        dtype=None,
+    ):
+        _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+        ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+        self.padding = padding
+        dtype = dtype or jnp.result_type(float)
+        fan_in = ks[0] * ks[1] * in_channels
+        w_std, b_std, self.w_mult, self.b_mult = _init_scales(
+            parameterization, fan_in, sigma_w, sigma_b or 0.0
+        )
+        self.kernel = nnx.Param(w_std * jax.random.normal(rngs.params(), (*ks, in_channels, out_channels), dtype))
+        self.bias = (
+            None
+            if sigma_b is None
+            else nnx.Param(b_std * jax.random.normal(rngs.params(), (out_channels,), dtype))
+        )
+
+    def __call__(self, a):
+        z = jax.lax.conv_general_dilated(
+            a,
+            self.kernel[...],
+            window_strides=self.strides,
+            padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        z = self.w_mult * z
+        if self.bias is not None:
+            z = z + self.b_mult * self.bias[...]
+        return z
+
+
+# --------------------------------------------------------------------------- #
+# networks
+# --------------------------------------------------------------------------- #
+
+
+class MLP(nnx.Module):
+    """Fully connected network: ``depth`` hidden layers of ``width`` units.
+
+    ``x (N, in_features) -> (N, out_features)``; activation after every hidden
+    layer, none after the readout.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int = 1,
+        *,
+        width: int = 512,
+        depth: int = 3,
+        activation: str = "erf",
+        parameterization: str = "ntk",
+        sigma_w: float = 1.5,
+        sigma_b: float | None = 0.05,
+        rngs: nnx.Rngs | None = None,
+        dtype=None,
+    ):
+        _check_choice("activation", activation, ACTIVATIONS)
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"width: expected an integer >= 1, got {width!r}")
+        if not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth: expected an integer >= 0, got {depth!r}")
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.activation = activation
+        kw = dict(parameterization=parameterization, sigma_w=sigma_w, sigma_b=sigma_b, rngs=rngs, dtype=dtype)
+        sizes = [in_features] + [width] * depth
+        self.hidden = nnx.List([NTKDense(a, b, **kw) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.readout = NTKDense(sizes[-1], out_features, **kw)
+
+    def __call__(self, x):
+        act = ACTIVATIONS[self.activation]
+        for layer in self.hidden:
+            x = act(layer(x))
+        return self.readout(x)
+
+
+class CNN(nnx.Module):
+    """Convolutions then a dense readout on the flattened feature map.
+
+    ``x (N, H, W, C) -> (N, out_features)``. ``input_shape=(H, W, C)`` fixes
+    the readout's fan-in.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        out_features: int = 1,
+        *,
+        channels: Sequence[int] = (32, 32),
+        kernel_size: int = 3,
+        strides: int = 1,
+        padding="SAME",
+        activation: str = "relu",
+        parameterization: str = "ntk",
+        sigma_w: float = 1.5,
+        sigma_b: float | None = 0.05,
+        rngs: nnx.Rngs | None = None,
+        dtype=None,
+    ):
+        _check_choice("activation", activation, ACTIVATIONS)
+        if len(input_shape) != 3:
+            raise ValueError(f"input_shape: expected (H, W, C), got {tuple(input_shape)}")
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.activation = activation
+        kw = dict(parameterization=parameterization, sigma_w=sigma_w, sigma_b=sigma_b, rngs=rngs, dtype=dtype)
+        convs = []
+        c_in = input_shape[2]
+        for c_out in channels:
+            convs.append(NTKConv(c_in, c_out, kernel_size, strides=strides, padding=padding, **kw))
+            c_in = c_out
+        self.convs = nnx.List(convs)
+        probe = jax.eval_shape(self._features, jnp.zeros((1, *input_shape), dtype or jnp.result_type(float)))
+        self.readout = NTKDense(int(math.prod(probe.shape[1:])), out_features, **kw)
+
+    def _features(self, x):
+        act = ACTIVATIONS[self.activation]
+        for conv in self.convs:
+            x = act(conv(x))
+        return x.reshape(x.shape[0], -1)
+
+    def __call__(self, x):
+        return self.readout(self._features(x))
+
+
+def mlp(in_features: int, out_features: int = 1, *, seed: int = 0, **kwargs) -> tuple[ApplyFn, Any]:
+    """``(apply_fn, params)`` of an :class:`MLP` built with ``nnx.Rngs(seed)``."""
+    return as_apply_fn(MLP(in_features, out_features, rngs=nnx.Rngs(seed), **kwargs))
+
+
+def cnn(input_shape: Sequence[int], out_features: int = 1, *, seed: int = 0, **kwargs) -> tuple[ApplyFn, Any]:
+    """``(apply_fn, params)`` of a :class:`CNN` built with ``nnx.Rngs(seed)``."""
+    return as_apply_fn(CNN(input_shape, out_features, rngs=nnx.Rngs(seed), **kwargs))

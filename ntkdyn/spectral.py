@@ -166,8 +166,8 @@ def gain(lam, t, *, learning_rate, n, time: str = "continuous") -> jax.Array:
     """``g(λ, t) = (1 − E(λ, t)) / λ``; ``ηt/n`` at λ = 0; ``1/λ`` at t = ∞.
 
     Evaluated as ``(ηt/n) · h(x) · r(a)/a`` with ``h(x) = −expm1(−x)/x``
-    (``h(0) = 1``) for finite t, which is exact for tiny and zero λ; as
-    ``(1 − E)/λ`` for t = ∞ or unstable discrete steps. Null modes are the
+    (``h(0) = 1``) while ``x = t·r(a) ≤ 1``, which is exact for tiny and zero
+    λ; as ``(1 − E)/λ`` for ``x > 1``, t = ∞ and discrete steps with ηλ/n ≥ 1. Null modes are the
     caller's business (the dynamics set their gain to 0).
     """
     _check_time(time)
@@ -180,7 +180,9 @@ def gain(lam, t, *, learning_rate, n, time: str = "continuous") -> jax.Array:
     safe_lam = jnp.where(lam > 0, lam, 1.0)
     comp = decay_complement(lam, t, learning_rate=learning_rate, n=n, time=time)
     g_direct = jnp.where(lam > 0, comp / safe_lam, jnp.inf)
-    use_direct = jnp.isinf(t)
+    # past x = 1 the direct quotient has no cancellation, and it makes every
+    # t with E(t) = 0 (1e26 as well as ∞) give exactly 1/λ
+    use_direct = jnp.isinf(t) | (x > 1.0)
     if time == "discrete":
         use_direct = use_direct | (a >= 1)
     return jnp.where(use_direct, g_direct, g_series)

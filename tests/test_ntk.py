@@ -1,0 +1,168 @@
+"""Every NTK method against the explicit Jacobian oracle ``J Jᵀ`` (float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen, nnx
+
+import ntkdyn
+from ntkdyn import models
+
+EXACT_METHODS = ["jacobian", "ntvp"]
+
+
+def explicit_ntk(apply_fn, params, x1, x2):
+    """Oracle: flatten every leaf of jax.jacrev and contract."""
+
+    def jac(x):
+        j = jax.jacrev(lambda p: apply_fn(p, x))(params)
+        leaves = jax.tree_util.tree_leaves(j)
+        return jnp.concatenate([l.reshape(l.shape[0], l.shape[1], -1) for l in leaves], axis=-1)
+
+    return jnp.einsum("ikp,jlp->ijkl", jac(x1), jac(x2))
+
+
+def nested_apply(params, x):
+    """A hand-written model with a deeply nested params pytree (dict/list/tuple)."""
+    h = jnp.tanh(x @ params["block"][0]["w"] + params["block"][0]["b"])
+    h = jax.nn.gelu(h @ params["block"][1][0]) * params["block"][1][1]
+    return h @ params["head"]["w"] + jnp.sin(params["head"]["shift"])
+
+
+def nested_params(d, k, key):
+    ks = jax.random.split(key, 6)
+    return {
+        "block": [
+            {"w": jax.random.normal(ks[0], (d, 5)), "b": jax.random.normal(ks[1], (5,))},
+            (jax.random.normal(ks[2], (5, 4)), jax.random.normal(ks[3], (4,))),
+        ],
+        "head": {"w": jax.random.normal(ks[4], (4, k)), "shift": jax.random.normal(ks[5], (k,))},
+    }
+
+
+def cases():
+    key = jax.random.key(0)
+    x1 = jax.random.normal(key, (7, 4))
+    x2 = jax.random.normal(jax.random.key(1), (5, 4))
+    img1 = jax.random.normal(jax.random.key(2), (5, 6, 6, 2))
+    img2 = jax.random.normal(jax.random.key(3), (3, 6, 6, 2))
+    for k in (1, 3):
+        f, p = models.mlp(4, k, width=8, depth=2, activation="erf", dtype=jnp.float64, seed=k)
+        yield f"mlp-k{k}", f, p, x1, x2
+        f, p = models.cnn((6, 6, 2), k, channels=(3, 2), strides=2, activation="relu", dtype=jnp.float64, seed=k)
+        yield f"cnn-k{k}", f, p, img1, img2
+        yield f"nested-k{k}", nested_apply, nested_params(4, k, jax.random.key(10 + k)), x1, x2
+
+
+CASES = list(cases())
+
+
+@pytest.mark.parametrize("method", EXACT_METHODS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_methods_match_explicit_jacobian(case, method):
+    _, f, p, x1, x2 = case
+    ref12 = explicit_ntk(f, p, x1, x2)
+    ref11 = explicit_ntk(f, p, x1, x1)
+    k = ref12.shape[-1]
+    scale = float(jnp.abs(ref11).max())
+    for batch_size in (None, 3):  # 3 divides neither 7 nor 5
+        got12 = ntkdyn.empirical_ntk(f, p, x1, x2, method=method, batch_size=batch_size)
+        got11 = ntkdyn.empirical_ntk(f, p, x1, method=method, batch_size=batch_size)
+        tr12 = ntkdyn.empirical_ntk(f, p, x1, x2, method=method, batch_size=batch_size, trace_outputs=True)
+        assert got12.shape == ref12.shape and got12.dtype == jnp.float64
+        assert tr12.shape == ref12.shape[:2]
+        np.testing.assert_allclose(got12, ref12, atol=1e-10 * scale, rtol=0)
+        np.testing.assert_allclose(got11, ref11, atol=1e-10 * scale, rtol=0)
+        np.testing.assert_allclose(tr12, jnp.einsum("ijkk->ij", ref12) / k, atol=1e-10 * scale, rtol=0)
+
+
+def test_auto_method_is_exact():
+    _, f, p, x1, x2 = CASES[0]
+    np.testing.assert_allclose(ntkdyn.empirical_ntk(f, p, x1, x2), explicit_ntk(f, p, x1, x2), atol=1e-10)
+
+
+def test_symmetric_kernel_is_symmetric_and_psd():
+    _, f, p, x1, _ = CASES[1]
+    k = ntkdyn.flatten_kernel(ntkdyn.empirical_ntk(f, p, x1, batch_size=3))
+    np.testing.assert_allclose(k, k.T, atol=1e-12)
+    assert float(jnp.linalg.eigvalsh(k).min()) > -1e-10 * float(jnp.abs(k).max())
+
+
+def test_nnx_linear_and_linen_dense_adapters():
+    x = jax.random.normal(jax.random.key(0), (6, 3))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(3, 5, rngs=rngs, param_dtype=jnp.float64)
+            self.b = nnx.Linear(5, 2, rngs=rngs, param_dtype=jnp.float64)
+
+        def __call__(self, x):
+            return self.b(jnp.tanh(self.a(x)))
+
+    f, p = models.as_apply_fn(Net(nnx.Rngs(0)))
+    np.testing.assert_allclose(ntkdyn.empirical_ntk(f, p, x), explicit_ntk(f, p, x, x), atol=1e-10)
+
+    class LinenNet(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.Dense(2, param_dtype=jnp.float64)(jnp.tanh(linen.Dense(5, param_dtype=jnp.float64)(x)))
+
+    module = LinenNet()
+    variables = module.init(jax.random.key(1), x)
+    f2, p2 = models.as_apply_fn(variables, module.apply)
+    np.testing.assert_allclose(ntkdyn.empirical_ntk(f2, p2, x), explicit_ntk(f2, p2, x, x), atol=1e-10)
+    f3, _ = models.as_apply_fn(variables, module)
+    np.testing.assert_allclose(f3(p2, x), module.apply(variables, x))
+
+
+def test_float32_kernel_stays_float32():
+    f, p = models.mlp(4, 1, width=16, depth=1, dtype=jnp.float32)
+    x = jnp.ones((3, 4), jnp.float32)
+    assert ntkdyn.empirical_ntk(f, p, x).dtype == jnp.float32
+
+
+# --------------------------------------------------------------------------- #
+# bad input
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def small():
+    f, p = models.mlp(3, 2, width=4, depth=1, dtype=jnp.float64)
+    return f, p, jnp.ones((4, 3))
+
+
+def test_bad_method(small):
+    f, p, x = small
+    with pytest.raises(ValueError, match="method"):
+        ntkdyn.empirical_ntk(f, p, x, method="magic")
+
+
+@pytest.mark.parametrize("bs", [0, -2, 1.5, "big"])
+def test_bad_batch_size(small, bs):
+    f, p, x = small
+    with pytest.raises(ValueError, match="batch_size"):
+        ntkdyn.empirical_ntk(f, p, x, batch_size=bs)
+
+
+def test_nan_and_empty_and_mismatched_inputs(small):
+    f, p, x = small
+    with pytest.raises(ValueError, match="x1"):
+        ntkdyn.empirical_ntk(f, p, x.at[0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match="x2"):
+        ntkdyn.empirical_ntk(f, p, x, x.at[1, 1].set(jnp.inf))
+    with pytest.raises(ValueError, match="x1"):
+        ntkdyn.empirical_ntk(f, p, jnp.zeros((0, 3)))
+    with pytest.raises(ValueError, match="x2"):
+        ntkdyn.empirical_ntk(f, p, x, jnp.ones((2, 5)))
+
+
+def test_output_must_be_two_dimensional():
+    with pytest.raises(ValueError, match="apply_fn"):
+        ntkdyn.empirical_ntk(lambda p, x: x @ p, jnp.ones(3), jnp.ones((4, 3)))
+
+
+def test_integer_params_rejected():
+    with pytest.raises(TypeError, match="params"):
+        ntkdyn.empirical_ntk(lambda p, x: x @ p, jnp.ones((3, 1), jnp.int32), jnp.ones((4, 3)))

@@ -20,6 +20,7 @@ the symmetric ``S = P Θ P = V diag(λ) Vᵀ``:
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable
 
@@ -195,41 +196,57 @@ def solve(
     mat = (k_tt if traced else flatten_kernel(k_tt)).astype(dtype)
     r0 = (fx_train_0 - y_train).astype(dtype)
     r0 = r0 if traced else r0.reshape(n, 1)
-    if root is not None:
-        # regularize Θ itself, then symmetrize the flow: S = P (Θ + reg·I) P
-        reg = jnp.asarray(diag_reg, dtype) * (1.0 if diag_reg_absolute else jnp.mean(jnp.diagonal(mat)))
-        reg_mat = mat + reg * jnp.eye(n, dtype=dtype)
-        spec = spectral.spectrum(root @ reg_mat @ root, rcond=rcond).replace(reg=reg)
-    else:
-        spec = spectral.spectrum(mat, diag_reg=diag_reg, diag_reg_absolute=diag_reg_absolute, rcond=rcond)
     times = times.astype(dtype)
+    spec = _decompose(mat, root, jnp.asarray(diag_reg, dtype), diag_reg_absolute=diag_reg_absolute, rcond=rcond)
     _warn_unstable(spec, lr, n, time, times)
+    if has_test:
+        k_st = (k_st if traced else flatten_kernel(k_st)).astype(dtype)
+        fx_test_0 = fx_test_0.astype(dtype)
+    train, test, alpha = _evaluate(
+        spec, mat, root, r0, y_train.astype(dtype), times, jnp.asarray(lr, dtype),
+        k_st if has_test else None, fx_test_0 if has_test else None, time=time, traced=traced,
+    )
+    return Solution(train, test, alpha, spec, n)
 
+
+@functools.partial(jax.jit, static_argnames=("diag_reg_absolute", "rcond"))
+def _decompose(mat, root, diag_reg, *, diag_reg_absolute: bool, rcond: float | None) -> Spectrum:
+    """Spectrum of ``Θ + reg·I``, or of ``S = P (Θ + reg·I) P`` with a metric root P."""
+    if root is None:
+        return spectral.spectrum(mat, diag_reg=diag_reg, diag_reg_absolute=diag_reg_absolute, rcond=rcond)
+    # regularize Θ itself, then symmetrize the flow
+    reg = diag_reg * (1.0 if diag_reg_absolute else jnp.mean(jnp.diagonal(mat)))
+    reg_mat = mat + reg * jnp.eye(mat.shape[0], dtype=mat.dtype)
+    return spectral.spectrum(root @ reg_mat @ root, rcond=rcond).replace(reg=reg)
+
+
+@functools.partial(jax.jit, static_argnames=("time", "traced"))
+def _evaluate(spec, mat, root, r0, y_train, times, lr, k_st, fx_test_0, *, time: str, traced: bool):
+    """Train outputs, test outputs and α at every time, from one spectrum (shapes in :class:`Solution`)."""
+    n_train, outputs = y_train.shape
+    n = n_train * outputs
     lam, vecs, null = spec.eigenvalues, spec.eigenvectors, spec.null
     tt = times[:, None]
     g = jnp.where(null, 0.0, spectral.gain(lam, tt, learning_rate=lr, n=n, time=time))  # (T, m)
-    pr0 = r0 if root is None else root @ r0
-    coef = vecs.T @ pr0  # (m, c)
+    coef = vecs.T @ (r0 if root is None else root @ r0)  # (m, c)
     alpha = jnp.einsum("im,tm,mc->tic", vecs, g, coef)
     if root is None:
         fitted = jnp.where(null, 0.0, spectral.decay_complement(lam, tt, learning_rate=lr, n=n, time=time))
         residual = r0[None] - jnp.einsum("im,tm,mc->tic", vecs, fitted, coef)
     else:
         alpha = jnp.einsum("ij,tjc->tic", root, alpha)
+        reg_mat = mat + spec.reg * jnp.eye(mat.shape[0], dtype=mat.dtype)
         residual = r0[None] - jnp.einsum("ij,tjc->tic", reg_mat, alpha)
-
     n_times = times.shape[0]
-    train = y_train.astype(dtype)[None] + residual.reshape(n_times, n_train, outputs)
+    train = y_train[None] + residual.reshape(n_times, n_train, outputs)
     alpha = alpha.reshape(n_times, n_train, outputs)
-    test = None
-    if has_test:
-        n_test = fx_test_0.shape[0]
-        if traced:
-            shift = jnp.einsum("sj,tjc->tsc", k_st.astype(dtype), alpha)
-        else:
-            shift = jnp.einsum("ij,tj->ti", flatten_kernel(k_st).astype(dtype), alpha.reshape(n_times, n))
-        test = fx_test_0.astype(dtype)[None] - shift.reshape(n_times, n_test, outputs)
-    return Solution(train, test, alpha, spec, n)
+    if k_st is None:
+        return train, None, alpha
+    if traced:
+        shift = jnp.einsum("sj,tjc->tsc", k_st, alpha)
+    else:
+        shift = jnp.einsum("ij,tj->ti", k_st, alpha.reshape(n_times, n)).reshape(n_times, -1, outputs)
+    return train, fx_test_0[None] - shift, alpha
 
 
 def _check_learning_rate(learning_rate) -> float | jax.Array:

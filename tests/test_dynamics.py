@@ -6,6 +6,7 @@
 4. the stability limit; 5. bad input.
 """
 
+import functools
 import warnings
 
 import jax
@@ -107,7 +108,7 @@ def test_continuous_time_is_the_small_step_limit_of_gd():
 TIMES = jnp.array([0.0, 1.0, 10.0, 1e3, 1e6, jnp.inf])
 
 
-@pytest.mark.parametrize("width", [8, 256])
+@pytest.mark.parametrize("width", [8, 128])
 @pytest.mark.parametrize("time", ["continuous", "discrete"])
 def test_flin_of_eq8_weights_equals_function_space(width, time):
     f, p = models.mlp(4, 2, width=width, depth=2, activation="erf", dtype=jnp.float64, seed=width)
@@ -145,8 +146,13 @@ def test_parameter_space_scalar_t_and_recomputed_kernel():
 # --------------------------------------------------------------------------- #
 
 
+@functools.lru_cache(maxsize=None)
+def _singular_mlp():
+    return models.mlp(3, 1, width=64, depth=2, activation="erf", dtype=jnp.float64, seed=0)
+
+
 def singular_problem(dtype, shift):
-    f, p = models.mlp(3, 1, width=64, depth=2, activation="erf", dtype=jnp.float64, seed=0)
+    f, p = _singular_mlp()  # one apply_fn for every case, so jit compiles once per dtype
     x = np.asarray(jax.random.normal(jax.random.key(0), (10, 3)))
     x = np.concatenate([x, x[:3]], 0)  # 3 exact duplicates → Θ has rank 10 of 13
     y = np.sin(x.sum(1, keepdims=True))
@@ -375,7 +381,7 @@ def test_max_learning_rate_bad_input():
         ntkdyn.max_learning_rate(jnp.full((2, 2), jnp.inf))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(
     n=st.integers(1, 6),
     k_out=st.integers(1, 3),

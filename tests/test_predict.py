@@ -1,0 +1,138 @@
+"""``ntkdyn.predict`` end to end, and the model builders it is usually given."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen, nnx
+
+import ntkdyn
+from ntkdyn import models
+
+
+@pytest.fixture(scope="module")
+def data():
+    x = jax.random.normal(jax.random.key(0), (9, 4))
+    return x, jnp.tanh(x[:, :2]), jax.random.normal(jax.random.key(1), (3, 4))
+
+
+def test_predict_nnx_module_matches_the_parts(data):
+    x, y, xt = data
+    model = models.MLP(4, 2, width=32, depth=2, rngs=nnx.Rngs(3), dtype=jnp.float64)
+    ts = jnp.array([0.0, 5.0, jnp.inf])
+    pred = ntkdyn.predict(model, x, y, ts, x_test=xt, learning_rate=0.5, weights=True)
+    f, p = models.as_apply_fn(model)
+    k = ntkdyn.empirical_ntk(f, p, x)
+    tr, te = ntkdyn.function_space(k, y, f(p, x), ts, k_test_train=ntkdyn.empirical_ntk(f, p, xt, x),
+                                   fx_test_0=f(p, xt), learning_rate=0.5)
+    np.testing.assert_allclose(pred.fx_train, tr, atol=1e-12)
+    np.testing.assert_allclose(pred.fx_test, te, atol=1e-12)
+    np.testing.assert_allclose(pred.fx_train[0], f(p, x), atol=1e-12)
+    np.testing.assert_allclose(pred.ntk_train_train, k, atol=1e-12)
+    assert pred.spectrum.eigenvalues.shape == (18,)
+    lin = jax.vmap(ntkdyn.linearize(f, p), in_axes=(0, None))(pred.params, xt)
+    np.testing.assert_allclose(lin, pred.fx_test, atol=1e-9)
+    # the weights go back into the module
+    nnx.update(model, jax.tree_util.tree_map(lambda a: a[1], pred.params))
+    assert model(x).shape == (9, 2)
+
+
+def test_predict_plain_and_linen_and_scalar_t(data):
+    x, y, _ = data
+
+    class Net(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.Dense(2, param_dtype=jnp.float64)(jnp.tanh(linen.Dense(16, param_dtype=jnp.float64)(x)))
+
+    net = Net()
+    variables = net.init(jax.random.key(0), x)
+    a = ntkdyn.predict(variables, x, y, 3.0, apply_fn=net.apply, weights=True)
+    b = ntkdyn.predict(variables["params"], x, y, 3.0,
+                       apply_fn=lambda p, z: net.apply({"params": p}, z), weights=True)
+    assert a.fx_train.shape == (9, 2) and a.fx_test is None and a.t.shape == ()
+    np.testing.assert_allclose(a.fx_train, b.fx_train, atol=1e-12)
+    jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-12), a.params, b.params)
+
+
+def test_predict_traced_equals_full_when_single_output(data):
+    x, y, xt = data
+    f, p = models.mlp(4, 1, width=16, depth=1, dtype=jnp.float64)
+    full = ntkdyn.predict(p, x, y[:, 0], 10.0, apply_fn=f, x_test=xt)
+    traced = ntkdyn.predict(p, x, y[:, :1], 10.0, apply_fn=f, x_test=xt, trace_outputs=True)
+    assert traced.ntk_train_train.shape == (9, 9)
+    np.testing.assert_allclose(full.fx_test, traced.fx_test, atol=1e-12)
+
+
+def test_prediction_is_a_pytree(data):
+    x, y, _ = data
+    f, p = models.mlp(4, 2, width=8, depth=1, dtype=jnp.float64)
+    pred = ntkdyn.predict(p, x, y, jnp.array([1.0, 2.0]), apply_fn=f)
+    doubled = jax.tree_util.tree_map(lambda a: 2 * a, pred)
+    np.testing.assert_allclose(doubled.fx_train, 2 * pred.fx_train)
+    assert doubled.time == "continuous"
+
+
+def test_predict_bad_input(data):
+    x, y, _ = data
+    f, p = models.mlp(4, 2, width=8, depth=1, dtype=jnp.float64)
+    with pytest.raises(TypeError, match="apply_fn"):
+        ntkdyn.predict(p, x, y, 1.0)
+    with pytest.raises(TypeError, match="apply_fn"):
+        ntkdyn.predict(models.MLP(4, 2, width=8, rngs=nnx.Rngs(0)), x, y, 1.0, apply_fn=f)
+    with pytest.raises(ValueError, match="y"):
+        ntkdyn.predict(p, x, y[:, :1], 1.0, apply_fn=f)
+    with pytest.raises(ValueError, match="x_test"):
+        ntkdyn.predict(p, x, y, 1.0, apply_fn=f, x_test=jnp.full((2, 4), jnp.nan))
+    with pytest.raises(ValueError, match="t"):
+        ntkdyn.predict(p, x, y, -2.0, apply_fn=f)
+    with pytest.raises(ValueError, match="time"):
+        ntkdyn.predict(p, x, y, 1.0, apply_fn=f, time="later")
+    with pytest.raises(ValueError, match="x"):
+        ntkdyn.predict(p, jnp.zeros((0, 4)), y[:0], 1.0, apply_fn=f)
+
+
+# --------------------------------------------------------------------------- #
+# builders
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("activation", sorted(models.ACTIVATIONS))
+def test_ntk_and_standard_parameterization_compute_the_same_function(activation):
+    """Standard weights = NTK weights scaled by σ_w/√fan_in (σ_b for biases): same outputs."""
+    x = jax.random.normal(jax.random.key(0), (5, 6))
+    ntk = models.MLP(6, 3, width=20, depth=2, activation=activation, rngs=nnx.Rngs(0), dtype=jnp.float64)
+    std = models.MLP(6, 3, width=20, depth=2, activation=activation, parameterization="standard",
+                     rngs=nnx.Rngs(0), dtype=jnp.float64)
+    for ln, ls in zip(list(ntk.hidden) + [ntk.readout], list(std.hidden) + [std.readout]):
+        ls.kernel[...] = ln.kernel[...] * ln.w_mult
+        ls.bias[...] = ln.bias[...] * ln.b_mult
+    np.testing.assert_allclose(ntk(x), std(x), atol=1e-12)
+
+
+def test_ntk_parameterization_init_statistics():
+    m = models.MLP(10, 1, width=2048, depth=1, rngs=nnx.Rngs(0), dtype=jnp.float64)
+    w = np.asarray(m.hidden[0].kernel[...])
+    assert abs(w.std() - 1.0) < 0.02 and abs(w.mean()) < 0.02
+    s = models.MLP(10, 1, width=2048, depth=1, parameterization="standard", sigma_w=2.0,
+                   rngs=nnx.Rngs(0), dtype=jnp.float64)
+    assert abs(np.asarray(s.hidden[0].kernel[...]).std() - 2.0 / np.sqrt(10)) < 0.02
+
+
+def test_cnn_shapes_and_strides():
+    f, p = models.cnn((8, 8, 3), 10, channels=(4, 5), strides=2, padding="VALID", dtype=jnp.float64)
+    assert f(p, jnp.ones((2, 8, 8, 3))).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        (dict(activation="swish9"), "activation"),
+        (dict(parameterization="mup"), "parameterization"),
+        (dict(width=0), "width"),
+        (dict(depth=-1), "depth"),
+    ],
+)
+def test_builder_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        models.MLP(3, 1, rngs=nnx.Rngs(0), **kwargs)

@@ -161,8 +161,8 @@ def solve(
     traced = _kernel_form("k_train_train", k_tt, n_train, n_train, outputs)
     times, _ = _check_times(t)
     lr = _check_learning_rate(learning_rate)
-    if isinstance(diag_reg, (int, float)) and diag_reg < 0:
-        raise ValueError(f"diag_reg: expected a value >= 0, got {diag_reg}")
+    _check_diag_reg(diag_reg)
+    _check_rcond(rcond)
     has_test = k_test_train is not None or fx_test_0 is not None
     if has_test:
         if k_test_train is None or fx_test_0 is None:
@@ -181,8 +181,12 @@ def solve(
         check_finite("k_test_train", k_st)
         check_finite("fx_test_0", fx_test_0)
 
-    dtype = jnp.result_type(k_tt, y_train, fx_train_0)
+    # work in the model's precision (targets are cast to it), and take the default cut-off from the
+    # kernel's own precision: a float32 kernel is only float32-accurate, whatever dtype Y came in
+    dtype = jnp.result_type(k_tt, fx_train_0)
     n = n_train * outputs
+    if rcond is None:
+        rcond = spectral.default_rcond(n, k_tt.dtype)
     root = None
     if metric is not None:
         root = _metric_root(metric, n_train, outputs).astype(dtype)
@@ -197,7 +201,7 @@ def solve(
     r0 = (fx_train_0 - y_train).astype(dtype)
     r0 = r0 if traced else r0.reshape(n, 1)
     times = times.astype(dtype)
-    spec = _decompose(mat, root, jnp.asarray(diag_reg, dtype), diag_reg_absolute=diag_reg_absolute, rcond=rcond)
+    spec = _decompose(mat, root, jnp.asarray(diag_reg, dtype), diag_reg_absolute=diag_reg_absolute, rcond=float(rcond))
     _warn_unstable(spec, lr, n, time, times)
     if has_test:
         k_st = (k_st if traced else flatten_kernel(k_st)).astype(dtype)
@@ -250,11 +254,31 @@ def _evaluate(spec, mat, root, r0, y_train, times, lr, k_st, fx_test_0, *, time:
 
 
 def _check_learning_rate(learning_rate) -> float | jax.Array:
+    if np.ndim(learning_rate) != 0:
+        raise ValueError(f"learning_rate: expected a scalar, got shape {np.shape(learning_rate)}")
     if is_concrete(learning_rate):
         value = float(np.asarray(learning_rate))
         if not np.isfinite(value) or value <= 0:
             raise ValueError(f"learning_rate: expected a finite value > 0, got {value}")
     return learning_rate
+
+
+def _check_diag_reg(diag_reg) -> None:
+    if np.ndim(diag_reg) != 0:
+        raise ValueError(f"diag_reg: expected a scalar, got shape {np.shape(diag_reg)}")
+    if is_concrete(diag_reg):
+        value = float(np.asarray(diag_reg))
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"diag_reg: expected a finite value >= 0, got {value}")
+
+
+def _check_rcond(rcond) -> None:
+    if rcond is None:
+        return
+    if isinstance(rcond, bool) or not isinstance(rcond, (int, float, np.floating, np.integer)):
+        raise TypeError(f"rcond: expected None or a Python float in [0, 1), got {type(rcond).__name__}")
+    if not 0 <= float(rcond) < 1:
+        raise ValueError(f"rcond: expected None or a float in [0, 1), got {rcond}")
 
 
 def _warn_unstable(spec: Spectrum, lr, n: int, time: str, times) -> None:
@@ -327,7 +351,9 @@ def function_space(
         ``diag_reg`` itself with ``diag_reg_absolute=True``.
       time: ``"continuous"`` or ``"discrete"``.
       metric: optional PSD M, (K, K) or (N·K, N·K): flow ``ḟ = −(η/n)ΘM(f − Y)``.
-      rcond: relative eigenvalue cut-off (default ``N·K·eps``, as ``pinv``).
+      rcond: relative eigenvalue cut-off in [0, 1): eigenvalues ``≤ rcond·λ_max``
+        are exact zeros. Default ``N·K·eps`` of the kernel's dtype (as ``pinv``),
+        for the traced kernel too.
 
     Returns:
       ``(fx_train_t, fx_test_t)``: (N, K) and (Nt, K) for scalar t, with a
@@ -376,7 +402,10 @@ def parameter_space(
 
     ``θ_t = θ₀ − J₀ᵀ Θ⁻¹(I − E(t)) (f₀(X) − Y)``, the ``Jᵀ·`` applied as one VJP
     of ``f(·, X)`` at θ₀ (vmapped over the times), so the (P × N·K) Jacobian is
-    never formed. ``f_lin(θ_t, ·)`` equals :func:`function_space` to round-off.
+    never formed. ``f_lin(θ_t, ·)`` equals :func:`function_space` to round-off
+    (without ``diag_reg``: with it the train outputs of :func:`function_space`
+    follow the regularized flow ``Y + E_reg r₀``, as neural-tangents does, and
+    differ from ``f_lin(θ_t, X)`` by exactly ``reg·α_t``; test outputs agree).
 
     Args:
       apply_fn: ``apply_fn(params, x) -> (N, K)``.
@@ -445,6 +474,7 @@ def max_learning_rate(
     if k.shape[0] == 0:
         raise ValueError("k_train_train: expected a non-empty kernel")
     check_finite("k_train_train", k)
+    _check_diag_reg(diag_reg)
     spec = spectral.spectrum(mat, diag_reg=diag_reg, diag_reg_absolute=diag_reg_absolute)
     lam_max = spec.max_eigenvalue
     return jnp.where(lam_max > 0, 2.0 * n / jnp.where(lam_max > 0, lam_max, 1.0), jnp.inf)

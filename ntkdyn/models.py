@@ -23,6 +23,7 @@ how the gradient scales with width (Jacot et al. 2018; Lee et al. 2019).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Sequence
 
 import jax
@@ -73,6 +74,41 @@ def _is_linen_module(obj) -> bool:
     return isinstance(obj, linen.Module)
 
 
+class _NNXApply:
+    """``apply_fn(params, x)`` of a split NNX module.
+
+    Equal (and equally hashed) for the same graph and the very same
+    non-parameter arrays, so jitted NTK tiles are reused across calls on one
+    module instead of recompiling; a module with changed state compares unequal.
+    """
+
+    def __init__(self, graphdef, rest):
+        self.graphdef, self.rest = graphdef, rest
+        self._rest_ids = tuple(id(leaf) for leaf in jax.tree_util.tree_leaves(rest))
+
+    def __call__(self, params, x):
+        return nnx.merge(self.graphdef, params, self.rest)(x)
+
+    def __hash__(self):
+        try:
+            return hash((self.graphdef, self._rest_ids))
+        except TypeError:  # an unhashable graph: fall back to identity
+            return id(self)
+
+    def __eq__(self, other):
+        if not isinstance(other, _NNXApply):
+            return NotImplemented
+        if self is other:
+            return True
+        try:
+            same_graph = bool(self.graphdef == other.graphdef)
+        except Exception:  # noqa: BLE001 - graph types without equality
+            return False
+        leaves_a = jax.tree_util.tree_leaves(self.rest)
+        leaves_b = jax.tree_util.tree_leaves(other.rest)
+        return same_graph and len(leaves_a) == len(leaves_b) and all(a is b for a, b in zip(leaves_a, leaves_b))
+
+
 def as_apply_fn(model, apply_fn: ApplyFn | None = None) -> tuple[ApplyFn, Any]:
     """Return ``(apply_fn, params)`` with ``apply_fn(params, x)`` pure.
 
@@ -95,11 +131,7 @@ def as_apply_fn(model, apply_fn: ApplyFn | None = None) -> tuple[ApplyFn, Any]:
                 f"(the module is its own apply function); got {apply_fn!r}"
             )
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def nnx_apply(p, x):
-            return nnx.merge(graphdef, p, rest)(x)
-
-        return nnx_apply, params
+        return _NNXApply(graphdef, rest), params
 
     if apply_fn is None:
         raise TypeError(
@@ -268,9 +300,9 @@ class MLP(nnx.Module):
         dtype=None,
     ):
         _check_choice("activation", activation, ACTIVATIONS)
-        if not isinstance(width, int) or width < 1:
+        if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
             raise ValueError(f"width: expected an integer >= 1, got {width!r}")
-        if not isinstance(depth, int) or depth < 0:
+        if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 0:
             raise ValueError(f"depth: expected an integer >= 0, got {depth!r}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.activation = activation

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ntkdyn._checks import check_batch, check_finite
+from ntkdyn._checks import as_float_array, check_batch, check_finite
 from ntkdyn.dynamics import _check_times, _drop_time_axis, solve, weights_from_alpha
 from ntkdyn.models import as_apply_fn
 from ntkdyn.ntk import empirical_ntk, output_shape
@@ -53,12 +53,23 @@ class Prediction:
 
 
 def _targets(y, n_train: int, outputs: int) -> jax.Array:
-    y = jnp.asarray(y)
+    y = as_float_array("y", y)
     if y.ndim == 1 and outputs == 1 and y.shape[0] == n_train:
-        return y[:, None]
+        y = y[:, None]
     if y.shape != (n_train, outputs):
         raise ValueError(f"y: expected shape {(n_train, outputs)} to match the model's outputs, got {tuple(y.shape)}")
+    check_finite("y", y)
     return y
+
+
+def _test_inputs(x_test, x) -> jax.Array:
+    x_test = check_batch("x_test", x_test)
+    if x_test.shape[1:] != x.shape[1:]:
+        raise ValueError(
+            f"x_test: expected inputs of trailing shape {tuple(x.shape[1:])} like x, got {tuple(x_test.shape[1:])}"
+        )
+    check_finite("x_test", x_test)
+    return x_test
 
 
 def predict(
@@ -111,8 +122,7 @@ def predict(
     k_tt = empirical_ntk(apply_fn, p0, x, **ntk)
     k_st = fx_test_0 = None
     if x_test is not None:
-        x_test = check_batch("x_test", x_test)
-        check_finite("x_test", x_test)
+        x_test = _test_inputs(x_test, x)
         fx_test_0 = apply_fn(p0, x_test)
         k_st = empirical_ntk(apply_fn, p0, x_test, x, **ntk)
     sol = solve(

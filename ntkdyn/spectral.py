@@ -122,16 +122,22 @@ def _rate(a: jax.Array, time: str):
 def _x(a, t, time):
     """``x = t · r(a)`` with ``0 · ∞`` read as 0 (a mode that does not move)."""
     r, ratio = _rate(a, time)
-    x = jnp.where((r == 0) | (t == 0), 0.0, r * jnp.where(t == 0, 1.0, t))
+    # a mode with r = 0 never moves, even at t = ∞ (0·∞); elsewhere x = r·t keeps d/dt exact at t = 0
+    x = jnp.where(r == 0, 0.0, r * t)
     return x, ratio
 
 
 def _oscillating_decay(a, t):
-    """``(1 − a)^t`` for a ≥ 1 (discrete steps past n/λ): sign from the step parity."""
+    """``(1 − a)^t`` for a ≥ 1 (discrete steps past n/λ): sign from the step parity.
+
+    A negative base has no real power at fractional t: NaN there (eager calls
+    raise before reaching this; under jit the NaN makes the misuse visible).
+    """
     base = 1.0 - a
     sign = jnp.where(jnp.mod(t, 2.0) == 1.0, -1.0, 1.0)
     mag = jnp.where(base == 0, jnp.where(t == 0, 1.0, 0.0), jnp.abs(base) ** t)
-    return jnp.where(base < 0, sign, 1.0) * mag
+    fractional = jnp.isfinite(t) & (t != jnp.round(t))
+    return jnp.where(base < 0, jnp.where(fractional, jnp.nan, sign), 1.0) * mag
 
 
 def decay(lam, t, *, learning_rate, n, time: str = "continuous") -> jax.Array:

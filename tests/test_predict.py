@@ -76,20 +76,41 @@ def test_prediction_is_a_pytree(data):
 def test_predict_bad_input(data):
     x, y, _ = data
     f, p = models.mlp(4, 2, width=8, depth=1, dtype=jnp.float64)
-    with pytest.raises(TypeError, match="apply_fn"):
+    with pytest.raises(TypeError, match="^apply_fn:"):
         ntkdyn.predict(p, x, y, 1.0)
-    with pytest.raises(TypeError, match="apply_fn"):
+    with pytest.raises(TypeError, match="^apply_fn:"):
         ntkdyn.predict(models.MLP(4, 2, width=8, rngs=nnx.Rngs(0)), x, y, 1.0, apply_fn=f)
-    with pytest.raises(ValueError, match="y"):
+    with pytest.raises(ValueError, match="^y:"):
         ntkdyn.predict(p, x, y[:, :1], 1.0, apply_fn=f)
-    with pytest.raises(ValueError, match="x_test"):
+    with pytest.raises(ValueError, match="^y:"):
+        ntkdyn.predict(p, x, y.at[0, 0].set(jnp.inf), 1.0, apply_fn=f)
+    with pytest.raises(ValueError, match="^x_test:"):
         ntkdyn.predict(p, x, y, 1.0, apply_fn=f, x_test=jnp.full((2, 4), jnp.nan))
-    with pytest.raises(ValueError, match="t"):
+    with pytest.raises(ValueError, match="^x_test:"):
+        ntkdyn.predict(p, x, y, 1.0, apply_fn=f, x_test=jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="^x:"):
+        ntkdyn.predict(p, x.at[1, 1].set(jnp.nan), y, 1.0, apply_fn=f)
+    with pytest.raises(ValueError, match="^t:"):
         ntkdyn.predict(p, x, y, -2.0, apply_fn=f)
-    with pytest.raises(ValueError, match="time"):
+    with pytest.raises(ValueError, match="^time:"):
         ntkdyn.predict(p, x, y, 1.0, apply_fn=f, time="later")
-    with pytest.raises(ValueError, match="x"):
+    with pytest.raises(ValueError, match="^x:"):
         ntkdyn.predict(p, jnp.zeros((0, 4)), y[:0], 1.0, apply_fn=f)
+
+
+def test_repeated_predict_on_one_module_reuses_compiled_tiles(data):
+    x, y, _ = data
+    model = models.MLP(4, 2, width=8, depth=1, rngs=nnx.Rngs(0), dtype=jnp.float64)
+    f1, _ = models.as_apply_fn(model)
+    f2, _ = models.as_apply_fn(model)
+    assert f1 == f2 and hash(f1) == hash(f2)
+    other, _ = models.as_apply_fn(models.MLP(4, 2, width=8, depth=1, rngs=nnx.Rngs(1), dtype=jnp.float64))
+    assert ntkdyn.predict(model, x, y, 1.0).fx_train.shape == (9, 2)
+    # same graph and parameter structure, different module: still a correct (separate) kernel
+    k_other = ntkdyn.empirical_ntk(other, models.as_apply_fn(models.MLP(4, 2, width=8, depth=1, rngs=nnx.Rngs(1),
+                                                                     dtype=jnp.float64))[1], x)
+    k_model = ntkdyn.empirical_ntk(f1, models.as_apply_fn(model)[1], x)
+    assert not np.allclose(k_other, k_model)
 
 
 # --------------------------------------------------------------------------- #
@@ -134,5 +155,5 @@ def test_cnn_shapes_and_strides():
     ],
 )
 def test_builder_bad_arguments(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=rf"^{name}:"):
         models.MLP(3, 1, rngs=nnx.Rngs(0), **kwargs)

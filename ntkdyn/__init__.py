@@ -7,6 +7,10 @@ Layers, lowest first (each imports only those before it)::
 
 from ntkdyn._version import __version__
 from ntkdyn import models, spectral
+from ntkdyn import curvature, implicit, sketch
+from ntkdyn.curvature import spectrum_recorder
+from ntkdyn.implicit import SolverNotConverged, aligned_loss, solver_layer
+from ntkdyn.sketch import blackbox_ntk, restore_jacobian, sketched_ntk
 from ntkdyn.dynamics import (
     UnstableLearningRateWarning,
     flatten_kernel,
@@ -33,4 +37,14 @@ __all__ = [
     "UnstableLearningRateWarning",
     "predict",
     "Prediction",
+    "curvature",
+    "implicit",
+    "sketch",
+    "spectrum_recorder",
+    "SolverNotConverged",
+    "aligned_loss",
+    "solver_layer",
+    "blackbox_ntk",
+    "restore_jacobian",
+    "sketched_ntk",
 ]

@@ -2,7 +2,9 @@
 
 Layers, lowest first (each imports only those before it)::
 
-    models ─► ntk ─► spectral ─► dynamics ─► predict
+    models ─► ntk (+ structured, sketch) ─► spectral ─► dynamics ─► predict
+    train ─► compare ─► sweep ─► report ─► cli
+    companions: curvature, implicit (on top of ntk / dynamics)
 """
 
 from ntkdyn._version import __version__
@@ -19,8 +21,21 @@ from ntkdyn.dynamics import (
     parameter_space,
 )
 from ntkdyn.linearize import linearize
-from ntkdyn.ntk import empirical_ntk
+from ntkdyn import structured  # registers method "structured" (ntk.py also loads it lazily)
+from ntkdyn.ntk import TileCost, empirical_ntk, ntk_vp, plan_ntk
 from ntkdyn.predict import Prediction, predict
+from ntkdyn import data, momentum
+from ntkdyn.compare import Comparison, compare
+from ntkdyn.data import Dataset, digits, load_dataset, synthetic_regression
+from ntkdyn.momentum import (
+    heavy_ball_function_space,
+    heavy_ball_max_learning_rate,
+    heavy_ball_modes,
+    heavy_ball_parameter_space,
+)
+from ntkdyn.report import write_report
+from ntkdyn.sweep import SweepGrid, sweep
+from ntkdyn.train import TrainResult, train
 from ntkdyn.spectral import Spectrum
 
 __all__ = [
@@ -29,6 +44,10 @@ __all__ = [
     "spectral",
     "Spectrum",
     "empirical_ntk",
+    "ntk_vp",
+    "plan_ntk",
+    "TileCost",
+    "structured",
     "linearize",
     "function_space",
     "parameter_space",
@@ -37,6 +56,23 @@ __all__ = [
     "UnstableLearningRateWarning",
     "predict",
     "Prediction",
+    "data",
+    "momentum",
+    "Comparison",
+    "compare",
+    "Dataset",
+    "digits",
+    "load_dataset",
+    "synthetic_regression",
+    "heavy_ball_function_space",
+    "heavy_ball_max_learning_rate",
+    "heavy_ball_modes",
+    "heavy_ball_parameter_space",
+    "write_report",
+    "SweepGrid",
+    "sweep",
+    "TrainResult",
+    "train",
     "curvature",
     "implicit",
     "sketch",

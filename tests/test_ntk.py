@@ -166,3 +166,13 @@ def test_output_must_be_two_dimensional():
 def test_integer_params_rejected():
     with pytest.raises(TypeError, match="params"):
         ntkdyn.empirical_ntk(lambda p, x: x @ p, jnp.ones((3, 1), jnp.int32), jnp.ones((4, 3)))
+
+
+def test_tiled_kernel_under_jit_and_grad_over_params():
+    """Tiling must not pull traced params to the host (jit/grad over θ, e.g. kernel drift)."""
+    _, f, p, x1, _ = CASES[0]
+    whole = lambda q: jnp.sum(ntkdyn.empirical_ntk(f, q, x1, method="jacobian", batch_size=None) ** 2)
+    tiled = lambda q: jnp.sum(ntkdyn.empirical_ntk(f, q, x1, method="jacobian", batch_size=3) ** 2)
+    np.testing.assert_allclose(jax.jit(tiled)(p), whole(p), rtol=1e-12)
+    g_whole, g_tiled = jax.grad(whole)(p), jax.grad(tiled)(p)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12), g_whole, g_tiled)

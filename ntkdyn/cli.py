@@ -1,0 +1,232 @@
+"""The ``ntkdyn`` command.
+
+::
+
+    ntkdyn sweep   [--widths ..] [--samples ..] [--seeds ..] [--steps ..] [--lr ..] [--depth ..] [--out DIR]
+    ntkdyn report  DIR
+    ntkdyn compare [--width W] [--samples N] [--seed S] [--steps T] [--lr η] ...
+
+``sweep`` runs (or resumes) a width × N × seed grid of real-vs-linearized
+comparisons, appending each point to ``DIR/results.jsonl``, then writes
+``summary.csv``, ``slopes.csv``, PNG figures and ``report.md``. ``report``
+re-renders those from ``results.jsonl`` alone. ``compare`` runs one
+configuration and prints its step-by-step table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Sequence
+
+from ntkdyn.sweep import SweepGrid
+
+__all__ = ["main", "build_parser"]
+
+_DEFAULTS = SweepGrid()
+
+
+def _model_args(p: argparse.ArgumentParser, *, many: bool) -> None:
+    nargs = "+" if many else None
+    p.add_argument("--depth", "--depths", dest="depths", type=int, nargs=nargs,
+                   default=list(_DEFAULTS.depths) if many else _DEFAULTS.depths[0], help="hidden layers")
+    p.add_argument("--activation", "--activations", dest="activations", nargs=nargs,
+                   default=list(_DEFAULTS.activations) if many else _DEFAULTS.activations[0],
+                   help="erf relu tanh gelu sigmoid linear")
+    p.add_argument("--parameterization", "--parameterizations", dest="parameterizations", nargs=nargs,
+                   default=list(_DEFAULTS.parameterizations) if many else _DEFAULTS.parameterizations[0],
+                   help="ntk or standard")
+    p.add_argument("--lr", dest="learning_rates", type=float, nargs=nargs,
+                   default=list(_DEFAULTS.learning_rates) if many else _DEFAULTS.learning_rates[0],
+                   help="learning rate(s) η")
+    p.add_argument("--lr-relative", action="store_true",
+                   help="read --lr as multiples of each point's stability limit 2(1+β)n/λ_max")
+    p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="real gradient steps per point")
+    p.add_argument("--records", type=int, default=_DEFAULTS.num_records, help="recorded (log-spaced) steps")
+    p.add_argument("--dataset", default=_DEFAULTS.dataset, help="synthetic or digits")
+    p.add_argument("--n-test", type=int, default=_DEFAULTS.n_test, help="test-set size")
+    p.add_argument("--in-features", type=int, default=_DEFAULTS.in_features, help="synthetic input dimension")
+    p.add_argument("--out-features", type=int, default=_DEFAULTS.out_features,
+                   help="synthetic outputs K (digits: number of classes, default 10)")
+    p.add_argument("--data-seed", type=int, default=_DEFAULTS.data_seed, help="seed of the data set")
+    p.add_argument("--time", default=_DEFAULTS.time, choices=("discrete", "continuous"),
+                   help="prediction clock (discrete = exact counterpart of the real steps)")
+    p.add_argument("--momentum", type=float, default=_DEFAULTS.momentum, help="heavy-ball β for both sides")
+    p.add_argument("--x64", action="store_true", help="run in float64 (enables jax_enable_x64)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ntkdyn",
+        description="Predict neural-network training from the NTK and measure where the prediction breaks.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sw = sub.add_parser("sweep", help="width × N × seed grid of real vs linearized training (resumable)")
+    sw.add_argument("--widths", type=int, nargs="+", default=list(_DEFAULTS.widths))
+    sw.add_argument("--samples", type=int, nargs="+", default=list(_DEFAULTS.samples), help="training-set sizes N")
+    sw.add_argument("--seeds", type=int, nargs="+", default=list(_DEFAULTS.seeds), help="initialization seeds")
+    _model_args(sw, many=True)
+    sw.add_argument("--out", default="ntkdyn-results", help="results folder (resumes if it has results)")
+    sw.add_argument("--no-report", action="store_true", help="only run points; skip summary.csv/figures/report.md")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    rp = sub.add_parser("report", help="re-render summary.csv, figures and report.md from DIR/results.jsonl")
+    rp.add_argument("dir")
+
+    cp = sub.add_parser("compare", help="one configuration: real vs linearized, step by step")
+    cp.add_argument("--width", type=int, default=512)
+    cp.add_argument("--samples", type=int, default=_DEFAULTS.samples[-1], help="training-set size N")
+    cp.add_argument("--seed", type=int, default=0)
+    _model_args(cp, many=False)
+    return parser
+
+
+def _grid(args, *, widths, samples, seeds, one: bool) -> SweepGrid:
+    def many(v):
+        return (v,) if one else tuple(v)
+
+    return SweepGrid(
+        widths=tuple(widths), samples=tuple(samples), seeds=tuple(seeds),
+        depths=many(args.depths), learning_rates=many(args.learning_rates), lr_relative=args.lr_relative,
+        activations=many(args.activations), parameterizations=many(args.parameterizations),
+        dataset=args.dataset, n_test=args.n_test, steps=args.steps, num_records=args.records, time=args.time,
+        momentum=args.momentum, data_seed=args.data_seed, in_features=args.in_features,
+        out_features=args.out_features, dtype="float64" if args.x64 else "float32",
+    )
+
+
+def _num(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    v = float(v)
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.3g}"
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], out=None) -> None:
+    out = out or sys.stdout  # looked up per call: tests and callers may swap sys.stdout
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)), file=out)
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)), file=out)
+
+
+def _print_slopes(records, out=None) -> None:
+    out = out or sys.stdout
+    from ntkdyn.report import slope_table
+
+    rows = [s for s in slope_table(records, metrics=("test_gap", "train_gap", "kernel_drift"))]
+    if not rows:
+        return
+    print("\nlog-log slope vs width (mean ± std over seeds [min … max]):", file=out)
+    table = []
+    for s in rows:
+        table.append([str(s["n_train"]), str(s["depth"]), s["activation"], _num(s["learning_rate"]), s["metric"],
+                      f"{s['slope_mean']:+.2f} ± {s['slope_std']:.2f}",
+                      f"[{s['slope_min']:+.2f} … {s['slope_max']:+.2f}]", str(s["seeds"]), s["widths"]])
+    _print_table(["N", "depth", "act", "lr", "metric", "slope", "range", "seeds", "widths"], table, out)
+
+
+def _enable_x64(args) -> None:
+    if getattr(args, "x64", False):
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+
+
+def _cmd_sweep(args) -> int:
+    from ntkdyn.report import write_report
+    from ntkdyn.sweep import prepare_output, sweep
+
+    _enable_x64(args)
+    grid = _grid(args, widths=args.widths, samples=args.samples, seeds=args.seeds, one=False).validate()
+    prepare_output(args.out)  # fail before any work on an unwritable folder
+    total = len(grid.points())
+    print(f"ntkdyn sweep: {total} points -> {args.out}/results.jsonl", file=sys.stderr)
+    outcome = sweep(grid, args.out, progress=not args.quiet)
+    print(f"ran {outcome.ran}, skipped {outcome.skipped} already finished, failed {len(outcome.failed)}")
+    for config, error in outcome.failed:
+        print(f"  failed: width={config['width']} N={config['n_train']} seed={config['seed']}: {error}",
+              file=sys.stderr)
+    if not args.no_report and outcome.records:
+        written = write_report(args.out, outcome.records)
+        _print_slopes(outcome.records)
+        print(f"\nwrote {', '.join(sorted(p.name for p in written.values()))} in {args.out}")
+    return 1 if outcome.failed else 0
+
+
+def _cmd_report(args) -> int:
+    from ntkdyn.report import write_report
+    from ntkdyn.sweep import load_results
+
+    written = write_report(args.dir)
+    _print_slopes(load_results(args.dir))
+    print(f"\nwrote {', '.join(sorted(p.name for p in written.values()))} in {args.dir}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    import warnings
+
+    from ntkdyn.dynamics import UnstableLearningRateWarning
+    from ntkdyn.sweep import run_point
+
+    _enable_x64(args)
+    grid = _grid(args, widths=(args.width,), samples=(args.samples,), seeds=(args.seed,), one=True)
+    (config,) = grid.validate().points()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnstableLearningRateWarning)
+        rec = run_point(config)
+    m, c = rec["metrics"], rec["curves"]
+    print(f"width={config['width']} depth={config['depth']} {config['activation']} {config['parameterization']}, "
+          f"{config['dataset']} N={config['n_train']} (test {config['n_test']}), seed {config['seed']}, "
+          f"η={m['learning_rate']:.4g} (η/η_max={m['lr_ratio']:.3g}), {config['steps']} {config['time']} steps, "
+          f"{config['dtype']}")
+    header = ["step", "loss", "loss lin", "test loss", "test lin", "train gap", "test gap",
+              "f(θlin) gap", "f_lin(θlin)-Eq9/10", "weight gap"]
+    rows = []
+    for i, step in enumerate(c["steps"]):
+        def at(name):
+            return _num(c[name][i]) if name in c else "-"
+
+        rows.append([str(int(step)), at("loss"), at("loss_lin"), at("test_loss"), at("test_loss_lin"),
+                     at("train_gap"), at("test_gap"), at("eq8_test_gap"), at("lin_consistency"), at("weight_gap")])
+    print()
+    _print_table(header, rows)
+    print()
+    print("gaps are relative: ‖f_t − f^lin_t‖ / ‖f_0 − Y‖; weight gap ‖θ_t − θ^lin_t‖ / ‖θ_t − θ_0‖")
+    print(f"max test gap {_num(m['test_gap'])}, max train gap {_num(m['train_gap'])}, "
+          f"kernel drift {_num(m['kernel_drift'])}, max weight gap {_num(m['weight_gap'])}, "
+          f"f_lin(θlin) vs Eq. 9/10 {_num(m['lin_consistency'])}"
+          + ("" if m["linear_diverged"] else " (round-off)"))
+    layers = {k[len("weight_change["):-1]: v for k, v in m.items() if k.startswith("weight_change[")}
+    print("relative weight change per layer ‖θ_T − θ_0‖/‖θ_0‖: "
+          + ", ".join(f"{k} {_num(v)}" for k, v in layers.items()))
+    if m["linear_diverged"]:
+        print(f"η is above the stability limit 2(1+β)n/λ_max = {m['max_learning_rate']:.4g}: "
+              f"the linearized model diverges; real network {'diverged' if m['real_diverged'] else 'did not diverge'}")
+    print("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in rec["timings"].items()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ntkdyn`` console script (and ``python -m ntkdyn``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"sweep": _cmd_sweep, "report": _cmd_report, "compare": _cmd_compare}
+    try:
+        return commands[args.command](args)
+    except ValueError as err:
+        print(f"ntkdyn {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        where = getattr(args, "out", None)
+        if args.command == "sweep" and where:
+            print(f"\ninterrupted: finished points are in {where}/results.jsonl; "
+                  "run the same command again to resume", file=sys.stderr)
+        return 130

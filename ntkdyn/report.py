@@ -1,0 +1,576 @@
+"""Tables, figures and ``report.md`` from a sweep's ``results.jsonl`` alone.
+
+* ``summary.csv`` — one row per point: its configuration and every metric.
+* ``slopes.csv`` — for every series (all settings but width and seed fixed) and
+  metric, the least-squares slope of ``log(metric)`` against ``log(width)``
+  fitted per seed, then its mean, standard deviation, min and max over seeds.
+  Points whose linearized model diverged (infinite gaps) are left out of fits.
+* PNG figures (matplotlib's Agg canvas; no global backend is touched):
+  ``discrepancy_vs_width*.png`` (log-log, fitted slopes in the legend),
+  ``breakdown*.png`` (width × N heat map of the test discrepancy),
+  ``training_curves.png`` (real vs predicted loss), and
+  ``learning_rate.png`` when the sweep has several learning rates (final
+  losses and discrepancy against ``η / η_max``, ``η_max = 2(1+β)n/λ_max``).
+* ``report.md`` embedding them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ntkdyn.sweep import RESULTS_FILE, load_results
+
+__all__ = [
+    "SLOPE_METRICS",
+    "summary_rows",
+    "slope_table",
+    "write_report",
+    "breakdown_threshold",
+]
+
+SLOPE_METRICS = ("test_gap", "train_gap", "kernel_drift", "weight_gap", "eq8_test_gap")
+_LABELS = {
+    "test_gap": "test discrepancy  max_t ‖f_t − f^lin_t‖ / ‖f_0 − Y‖ (test)",
+    "train_gap": "train discrepancy  max_t ‖f_t − f^lin_t‖ / ‖f_0 − Y‖",
+    "kernel_drift": "kernel drift  ‖Θ_T − Θ_0‖_F / ‖Θ_0‖_F",
+    "weight_gap": "weight gap  max_t ‖θ_t − θ^lin_t‖ / ‖θ_t − θ_0‖",
+    "eq8_test_gap": "f(θ^lin_t) vs Eq. 10 (test)",
+}
+_SERIES_EXCLUDE = ("width", "seed")
+# a test discrepancy above this is where we call the linear prediction broken
+breakdown_threshold = 0.1
+
+
+# --------------------------------------------------------------------------- #
+# tables
+# --------------------------------------------------------------------------- #
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return f"{v:.6g}"
+    return str(v)
+
+
+def summary_rows(records: Sequence[dict]) -> list[dict]:
+    """One flat dict per point: config fields, metrics, seconds and the library version."""
+    rows = []
+    for rec in records:
+        row = {"key": rec["key"], "version": rec.get("version", "")}
+        row.update(rec["config"])
+        row.update(rec.get("metrics", {}))
+        row["seconds"] = rec.get("seconds", float("nan"))
+        rows.append(row)
+    return rows
+
+
+def _series_key(config: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in config.items() if k not in _SERIES_EXCLUDE))
+
+
+def _fit_slope(widths: np.ndarray, values: np.ndarray) -> float:
+    ok = np.isfinite(values) & (values > 0)
+    if ok.sum() < 2 or len(np.unique(widths[ok])) < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(widths[ok]), np.log(values[ok]), 1)[0])
+
+
+def slope_table(records: Sequence[dict], metrics: Iterable[str] = SLOPE_METRICS) -> list[dict]:
+    """Per series and metric: slope of log(metric) vs log(width), per seed then over seeds.
+
+    Returns rows with the series' settings plus ``metric``, ``slope_mean``,
+    ``slope_std`` (ddof 1; 0 for one seed), ``slope_min``, ``slope_max``,
+    ``seeds`` (seeds with a fit), ``widths`` (``"64-1024"``). Points whose
+    linearized model diverged (η above the limit, discrete time) are skipped.
+    """
+    series: dict[tuple, list[dict]] = defaultdict(list)
+    for rec in records:
+        if rec.get("metrics", {}).get("linear_diverged", False):
+            continue  # above η_max the "gap" measures the blow-up, not the nonlinearity
+        series[_series_key(rec["config"])].append(rec)
+    rows = []
+    for key, recs in sorted(series.items(), key=lambda kv: _sort_key(kv[0])):
+        settings = dict(key)
+        widths_all = sorted({r["config"]["width"] for r in recs})
+        if len(widths_all) < 2:
+            continue
+        for metric in metrics:
+            by_seed: dict[int, list[tuple[int, float]]] = defaultdict(list)
+            for r in recs:
+                by_seed[r["config"]["seed"]].append((r["config"]["width"], float(r["metrics"].get(metric, np.nan))))
+            slopes = []
+            for pairs in by_seed.values():
+                w, v = np.array(pairs, dtype=float).T
+                s = _fit_slope(w, v)
+                if np.isfinite(s):
+                    slopes.append(s)
+            arr = np.array(slopes)
+            rows.append({
+                **{k: settings[k] for k in ("dataset", "n_train", "depth", "activation", "parameterization",
+                                            "learning_rate", "lr_relative", "momentum", "time") if k in settings},
+                "metric": metric,
+                "slope_mean": float(arr.mean()) if arr.size else float("nan"),
+                "slope_std": float(arr.std(ddof=1)) if arr.size > 1 else (0.0 if arr.size else float("nan")),
+                "slope_min": float(arr.min()) if arr.size else float("nan"),
+                "slope_max": float(arr.max()) if arr.size else float("nan"),
+                "seeds": int(arr.size),
+                "widths": f"{widths_all[0]}-{widths_all[-1]}",
+            })
+    return rows
+
+
+def _sort_key(key: tuple):
+    # numbers sort as numbers (N=8 before N=32), everything else as text
+    return tuple((k, (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v)))
+                 for k, v in key)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    fields: list[str] = []
+    for row in rows:
+        for k in row:
+            if k not in fields:
+                fields.append(k)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(v) for k, v in row.items()})
+
+
+# --------------------------------------------------------------------------- #
+# figures
+# --------------------------------------------------------------------------- #
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _groups(records: Sequence[dict]) -> dict[tuple, list[dict]]:
+    """Records grouped by every setting except width, N and seed (one figure each)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for rec in records:
+        c = rec["config"]
+        groups[tuple(sorted((k, v) for k, v in c.items() if k not in ("width", "n_train", "seed")))].append(rec)
+    return dict(sorted(groups.items(), key=lambda kv: _sort_key(kv[0])))
+
+
+def _group_title(key: tuple, varying: set[str]) -> str:
+    d = dict(key)
+    parts = [f"{k}={d[k]}" for k in ("depth", "activation", "parameterization", "learning_rate", "momentum")
+             if k in varying and k in d]
+    if d.get("lr_relative") and "learning_rate" in varying:
+        parts = [p.replace("learning_rate=", "η/η_max=") for p in parts]
+    return ", ".join(parts)
+
+
+def _varying(records: Sequence[dict]) -> set[str]:
+    values: dict[str, set] = defaultdict(set)
+    for rec in records:
+        for k, v in rec["config"].items():
+            values[k].add(v if not isinstance(v, list) else tuple(v))
+    return {k for k, v in values.items() if len(v) > 1}
+
+
+def _by_width(recs: list[dict], n: int, metric: str):
+    table: dict[int, list[float]] = defaultdict(list)
+    for r in recs:
+        if r["config"]["n_train"] == n:
+            table[r["config"]["width"]].append(float(r["metrics"].get(metric, np.nan)))
+    widths = np.array(sorted(table))
+    vals = [np.array(table[w]) for w in widths]
+    return widths, vals
+
+
+def _geo_stats(vals: list[np.ndarray]):
+    centre, lo, hi = [], [], []
+    for v in vals:
+        ok = v[np.isfinite(v) & (v > 0)]
+        if ok.size:
+            centre.append(float(np.exp(np.log(ok).mean())))
+            lo.append(float(ok.min()))
+            hi.append(float(ok.max()))
+        else:
+            centre.append(np.nan)
+            lo.append(np.nan)
+            hi.append(np.nan)
+    return np.array(centre), np.array(lo), np.array(hi)
+
+
+def _plot_vs_width(recs: list[dict], slopes: list[dict], path: Path, title: str) -> None:
+    metrics = ("test_gap", "train_gap", "kernel_drift", "weight_gap")
+    fig = _figure(11, 8)
+    samples = sorted({r["config"]["n_train"] for r in recs})
+    colors = _colors(len(samples))
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(2, 2, i + 1)
+        for n, color in zip(samples, colors):
+            widths, vals = _by_width(recs, n, metric)
+            centre, lo, hi = _geo_stats(vals)
+            ok = np.isfinite(centre)
+            if not ok.any():
+                continue
+            slope = next((s for s in slopes if s["n_train"] == n and s["metric"] == metric), None)
+            label = f"N={n}"
+            if slope is not None and np.isfinite(slope["slope_mean"]):
+                label += f": slope {slope['slope_mean']:.2f} ± {slope['slope_std']:.2f}"
+            # geometric means can land a rounding error outside [min, max]
+            yerr = np.maximum([centre[ok] - lo[ok], hi[ok] - centre[ok]], 0.0)
+            ax.errorbar(widths[ok], centre[ok], yerr=yerr,
+                        fmt="o", color=color, capsize=3, label=label)
+            if ok.sum() >= 2:
+                coef = np.polyfit(np.log(widths[ok]), np.log(centre[ok]), 1)
+                xs = np.geomspace(widths[ok].min(), widths[ok].max(), 20)
+                ax.plot(xs, np.exp(np.polyval(coef, np.log(xs))), "--", color=color, lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("width")
+        ax.set_title(_LABELS[metric], fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        _legend(ax, 7)
+    fig.suptitle("real vs linearized training: discrepancy against width"
+                 + (f"\n{title}" if title else "") + "\n(markers: geometric mean over seeds, bars: min–max)",
+                 fontsize=10)
+    _save(fig, path)
+
+
+def _plot_breakdown(recs: list[dict], path: Path, title: str) -> None:
+    widths = sorted({r["config"]["width"] for r in recs})
+    samples = sorted({r["config"]["n_train"] for r in recs})
+    grid = np.full((len(samples), len(widths)), np.nan)
+    diverged = np.zeros_like(grid, dtype=bool)
+    for i, n in enumerate(samples):
+        for j, w in enumerate(widths):
+            vals = np.array([float(r["metrics"].get("test_gap", np.nan)) for r in recs
+                             if r["config"]["n_train"] == n and r["config"]["width"] == w])
+            if vals.size:
+                if np.all(~np.isfinite(vals)):
+                    diverged[i, j] = True
+                else:
+                    grid[i, j] = float(np.median(np.where(np.isfinite(vals), vals, np.inf)))
+    fig = _figure(2.4 + 1.1 * len(widths), 1.8 + 0.7 * len(samples))
+    ax = fig.add_subplot(1, 1, 1)
+    shown = np.log10(np.where(np.isfinite(grid) & (grid > 0), grid, np.nan))
+    finite = shown[np.isfinite(shown)]
+    vmin, vmax = (finite.min(), finite.max()) if finite.size else (-3, 0)
+    vmin, vmax = min(vmin, math.log10(breakdown_threshold) - 1), max(vmax, math.log10(breakdown_threshold))
+    im = ax.imshow(np.ma.masked_invalid(shown), cmap="magma_r", vmin=vmin, vmax=vmax, aspect="auto", origin="lower")
+    for i in range(len(samples)):
+        for j in range(len(widths)):
+            if diverged[i, j]:
+                text, weight = "lin. diverged", "bold"
+            elif np.isfinite(grid[i, j]):
+                text = f"{grid[i, j]:.2g}" if np.isfinite(grid[i, j]) and grid[i, j] < 1e6 else "inf"
+                weight = "bold" if grid[i, j] >= breakdown_threshold else "normal"
+            else:
+                continue
+            val = shown[i, j]
+            dark = np.isfinite(val) and (val - vmin) / max(vmax - vmin, 1e-12) > 0.6
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, weight=weight,
+                    color="white" if dark or diverged[i, j] else "black")
+    ax.set_xticks(range(len(widths)), [str(w) for w in widths])
+    ax.set_yticks(range(len(samples)), [str(n) for n in samples])
+    ax.set_xlabel("width")
+    ax.set_ylabel("training-set size N")
+    cbar = fig.colorbar(im, ax=ax)
+    cbar.set_label("log10 test discrepancy\n(median over seeds)", fontsize=8)
+    ax.set_title(f"where linearization breaks (bold: ≥ {breakdown_threshold:g})" + (f"\n{title}" if title else ""),
+                 fontsize=9)
+    _save(fig, path)
+
+
+def _plot_curves(records: Sequence[dict], path: Path) -> dict | None:
+    """Real vs predicted loss for the narrowest and widest net at the largest N (first group, first seed)."""
+    groups = _groups(records)
+    if not groups:
+        return None
+    recs = next(iter(groups.values()))
+    n = max(r["config"]["n_train"] for r in recs)
+    seed = min(r["config"]["seed"] for r in recs)
+    chosen = sorted((r for r in recs if r["config"]["n_train"] == n and r["config"]["seed"] == seed),
+                    key=lambda r: r["config"]["width"])
+    if not chosen:
+        return None
+    picks = [chosen[0]] if len(chosen) == 1 else [chosen[0], chosen[-1]]
+    fig = _figure(11, 4)
+    axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
+    colors = _colors(len(picks))
+    for rec, color in zip(picks, colors):
+        c = rec["curves"]
+        steps = np.maximum(np.asarray(c["steps"], dtype=float), 0.5)  # step 0 on a log axis
+        w = rec["config"]["width"]
+        for ax, real, lin in ((axes[0], "loss", "loss_lin"), (axes[1], "test_loss", "test_loss_lin")):
+            if real in c:
+                ax.plot(steps, _positive(c[real]), "-o", ms=3, color=color, label=f"real, width {w}")
+                ax.plot(steps, _positive(c[lin]), "--", color=color, label=f"linearized, width {w}")
+    for ax, name in zip(axes, ("train loss", "test loss")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("step (0 drawn at 0.5)")
+        ax.set_title(f"{name}: real (solid) vs predicted (dashed), N={n}, seed {seed}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        _legend(ax, 7)
+    _save(fig, path)
+    return {"n_train": n, "seed": seed, "widths": [r["config"]["width"] for r in picks]}
+
+
+def _positive(values) -> np.ndarray:
+    arr = np.asarray(values, dtype=float)
+    return np.where(np.isfinite(arr) & (arr > 0), arr, np.nan)
+
+
+def _plot_learning_rate(records: Sequence[dict], path: Path) -> list[dict]:
+    """Final loss, test discrepancy and kernel drift against η/η_max; returns the table rows it drew."""
+    rows = []
+    for rec in records:
+        m, c = rec["metrics"], rec["config"]
+        rows.append({
+            "width": c["width"], "n_train": c["n_train"], "seed": c["seed"],
+            "lr_ratio": float(m["lr_ratio"]), "loss_initial": float(m["loss_initial"]),
+            "loss_final": float(m["loss_final"]), "loss_lin_final": float(m["loss_lin_final"]),
+            "test_gap": float(m["test_gap"]), "kernel_drift": float(m["kernel_drift"]),
+            "linear_diverged": bool(m["linear_diverged"]), "real_diverged": bool(m["real_diverged"]),
+        })
+    fig = _figure(14, 4)
+    ax1, ax2, ax3 = (fig.add_subplot(1, 3, i + 1) for i in range(3))
+    widths = sorted({r["width"] for r in rows})
+    colors = _colors(len(widths))
+    floor, top = 1e-12, 1e4  # "converged" and "diverged" rows of the loss panel
+    for w, color in zip(widths, colors):
+        rs = sorted((r for r in rows if r["width"] == w), key=lambda r: r["lr_ratio"])
+        x = np.array([r["lr_ratio"] for r in rs])
+        init = np.array([r["loss_initial"] for r in rs])
+        for key, marker, fill, label in (("loss_final", "o", None, "real"), ("loss_lin_final", "s", "none", "linearized")):
+            ratio = np.array([r[key] for r in rs]) / init
+            shown = np.where(np.isfinite(ratio), np.clip(ratio, floor, top), top)
+            ax1.plot(x, shown, marker, color=color, mfc=fill, ms=7 if fill else 6, label=f"{label}, width {w}")
+        gap = np.array([r["test_gap"] for r in rs])
+        ok = np.isfinite(gap) & (gap > 0) & ~np.array([r["linear_diverged"] for r in rs])
+        ax2.plot(x[ok], gap[ok], "o", color=color, label=f"width {w}")
+        drift = np.array([r["kernel_drift"] for r in rs])
+        okd = np.isfinite(drift) & (drift > 0)
+        ax3.plot(x[okd], drift[okd], "o", color=color, label=f"width {w}")
+    ax1.axhline(1.0, color="grey", lw=1, ls="--")
+    ax1.set_ylim(floor / 10, top * 10)
+    ax1.set_title(f"final / initial train loss (clipped to [{floor:g}, {top:g}]:\n"
+                  "bottom = converged, top = diverged)", fontsize=9)
+    ax2.set_title("test discrepancy (where the linearized model converges)", fontsize=9)
+    ax3.set_title("kernel drift of the real network ‖Θ_T − Θ_0‖/‖Θ_0‖", fontsize=9)
+    for ax in (ax1, ax2, ax3):
+        ax.axvline(1.0, color="k", lw=1, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("η / η_max   (η_max = 2(1+β)n/λ_max of Θ₀)")
+        ax.grid(True, which="both", alpha=0.3)
+        _legend(ax, 6)
+    _save(fig, path)
+    return rows
+
+
+def _legend(ax, fontsize) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize)
+
+
+def _colors(k: int):
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return [cmap(x) for x in (np.linspace(0.0, 0.85, k) if k > 1 else [0.3])]
+
+
+# --------------------------------------------------------------------------- #
+# report.md
+# --------------------------------------------------------------------------- #
+
+
+def _md_table(rows: list[dict], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: str | os.PathLike, records: Sequence[dict] | None = None) -> dict[str, Path]:
+    """Write ``summary.csv``, ``slopes.csv``, the figures and ``report.md`` into ``out``.
+
+    ``records`` default to ``<out>/results.jsonl`` (so ``ntkdyn report DIR``
+    needs nothing else). Returns the written paths by name. Raises
+    ValueError when there are no results.
+    """
+    out = Path(out)
+    if records is None:
+        if not (out / RESULTS_FILE).exists():
+            raise ValueError(f"out: no {RESULTS_FILE} in {str(out)!r}; run `ntkdyn sweep --out {out}` first")
+        records = load_results(out)
+    records = list(records)
+    if not records:
+        raise ValueError(f"out: {str(out / RESULTS_FILE)!r} holds no finished points")
+    written: dict[str, Path] = {}
+
+    rows = summary_rows(records)
+    _write_csv(out / "summary.csv", rows)
+    written["summary.csv"] = out / "summary.csv"
+    slopes = slope_table(records)
+    _write_csv(out / "slopes.csv", slopes) if slopes else (out / "slopes.csv").write_text("")
+    written["slopes.csv"] = out / "slopes.csv"
+
+    varying = _varying(records)
+    groups = _groups(records)
+    figures: list[tuple[str, str, str]] = []  # (kind, file, title)
+    for idx, (key, recs) in enumerate(groups.items()):
+        suffix = "" if len(groups) == 1 else f"_{idx}"
+        title = _group_title(key, varying)
+        group_slopes = [s for s in slopes if all(s.get(k) == dict(key).get(k) for k in
+                                                 ("depth", "activation", "parameterization", "learning_rate",
+                                                  "lr_relative", "momentum", "time", "dataset"))]
+        converging = [r for r in recs if not r["metrics"].get("linear_diverged", False)]
+        if len({r["config"]["width"] for r in converging}) >= 2:
+            name = f"discrepancy_vs_width{suffix}.png"
+            _plot_vs_width(converging, group_slopes, out / name, title)
+            figures.append(("width", name, title))
+        name = f"breakdown{suffix}.png"
+        _plot_breakdown(recs, out / name, title)
+        figures.append(("breakdown", name, title))
+    curves = _plot_curves(records, out / "training_curves.png")
+    if curves is not None:
+        figures.append(("curves", "training_curves.png", ""))
+    lr_rows = []
+    if len({(r["config"]["learning_rate"], r["config"]["lr_relative"]) for r in records}) > 1:
+        lr_rows = _plot_learning_rate(records, out / "learning_rate.png")
+        figures.append(("lr", "learning_rate.png", ""))
+    for _, name, _ in figures:
+        written[name] = out / name
+
+    versions = sorted({r.get("version", "?") for r in records})
+    md = [
+        "# ntkdyn sweep report",
+        "",
+        f"{len(records)} finished points, ntkdyn {', '.join(versions)}. "
+        "Generated from `results.jsonl` alone (`ntkdyn report DIR` re-renders it).",
+        "",
+        "## Setup",
+        "",
+        _setup_text(records, varying),
+        "",
+        "Definitions (per point, max over the recorded steps t):",
+        "",
+        "- **test/train discrepancy**: `‖f(θ_t) − f^lin_t‖ / ‖f(θ_0) − Y‖` on the test/train inputs, "
+        "`f^lin_t` from Eq. 9/10 (closed form from the empirical NTK at θ₀).",
+        "- **kernel drift**: `‖Θ(θ_T) − Θ(θ_0)‖_F / ‖Θ(θ_0)‖_F` on the training inputs.",
+        "- **weight gap**: `‖θ_t − θ^lin_t‖ / ‖θ_t − θ_0‖`, `θ^lin_t` the Eq. 8 weights.",
+        "- **f_lin(θ^lin) vs Eq. 9/10**: the linearized network at the Eq. 8 weights against the "
+        "function-space prediction — round-off by construction, the proof that the other gaps are the "
+        "network's nonlinearity and not our numerics.",
+        "",
+        "## Slopes against width",
+        "",
+        "Least-squares slope of log(metric) on log(width), fitted per seed; mean ± std (min … max) over seeds. "
+        "Lee et al. (2019) bound the output gap by O(width^-1/2); finer analyses (Dyer & Gur-Ari 2019) "
+        "predict O(width^-1), i.e. slope −1.",
+        "",
+    ]
+    if slopes:
+        slope_rows = [{**s, "slope": f"{s['slope_mean']:.2f} ± {s['slope_std']:.2f} "
+                                     f"({s['slope_min']:.2f} … {s['slope_max']:.2f})"} for s in slopes]
+        cols = [c for c in ("n_train", "depth", "activation", "parameterization", "learning_rate")
+                if c in varying or c == "n_train"]
+        md += [_md_table(slope_rows, cols + ["metric", "slope", "seeds", "widths"]), ""]
+    else:
+        md += ["(fewer than two widths: no slopes)", ""]
+    for kind, name, title in figures:
+        if kind == "width":
+            md += [f"### Discrepancy vs width{(' — ' + title) if title else ''}", "", f"![discrepancy vs width]({name})", ""]
+    md += ["## Where linearization breaks", "",
+           f"Median test discrepancy over seeds; bold cells are ≥ {breakdown_threshold:g}. "
+           "It falls with width and grows with N at fixed width.", ""]
+    for kind, name, title in figures:
+        if kind == "breakdown":
+            md += [f"![breakdown map{(' — ' + title) if title else ''}]({name})", ""]
+    md += _width_n_table(records)
+    if curves is not None:
+        md += ["## Training curves", "",
+               f"Real (solid) vs predicted (dashed) loss, N={curves['n_train']}, seed {curves['seed']}, "
+               f"widths {', '.join(map(str, curves['widths']))}.", "", "![training curves](training_curves.png)", ""]
+    if lr_rows:
+        md += ["## Learning rate: the regime change around η_max = 2(1+β)n/λ_max", "",
+               "Above η_max every discrete linearized step multiplies the top kernel mode by |1 − ηλ/n| > 1, "
+               "so the linearized model diverges; the real network may still converge (its kernel moves, "
+               "'catapult' dynamics) or diverge too.", "", "![learning rate](learning_rate.png)", ""]
+        lr_table = sorted(lr_rows, key=lambda r: (r["width"], r["n_train"], r["lr_ratio"], r["seed"]))
+        md += [_md_table(lr_table, ["width", "n_train", "seed", "lr_ratio", "loss_final", "loss_lin_final",
+                                    "test_gap", "kernel_drift", "linear_diverged", "real_diverged"]), ""]
+    cons = np.array([float(r["metrics"].get("lin_consistency", np.nan)) for r in records
+                     if not r["metrics"].get("linear_diverged", False)])
+    cons = cons[np.isfinite(cons)]
+    dtypes = sorted({r["config"].get("dtype", "?") for r in records})
+    md += ["## Numerics check", "",
+           (f"`f_lin(θ^lin_t)` against Eq. 9/10, worst over all {cons.size} converging points: "
+            f"**{cons.max():.2g}** (relative; dtype {', '.join(dtypes)}). Round-off, at every width."
+            if cons.size else "No converging points to check."), ""]
+    (out / "report.md").write_text("\n".join(md))
+    written["report.md"] = out / "report.md"
+    return written
+
+
+def _setup_text(records: Sequence[dict], varying: set[str]) -> str:
+    first = records[0]["config"]
+    fixed = {k: v for k, v in first.items() if k not in varying}
+    grid = defaultdict(set)
+    for r in records:
+        for k in varying:
+            grid[k].add(r["config"][k])
+    lines = ["Varied: " + "; ".join(f"{k} ∈ {{{', '.join(_fmt(v) for v in sorted(grid[k], key=_value_key))}}}"
+                                    for k in sorted(grid)) if grid else "Varied: nothing (one point)."]
+    lines.append("Fixed: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(fixed.items())) + ".")
+    if first.get("lr_relative"):
+        lines.append("Learning rates are multiples of each point's stability limit η_max.")
+    return "  \n".join(lines)
+
+
+def _value_key(v):
+    return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+
+
+def _width_n_table(records: Sequence[dict]) -> list[str]:
+    cells: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for r in records:
+        cells[(r["config"]["n_train"], r["config"]["width"])].append(r["metrics"])
+    rows = []
+    for (n, w), ms in sorted(cells.items()):
+        def med(name):
+            v = np.array([float(m.get(name, np.nan)) for m in ms])
+            v = np.where(np.isnan(v), np.inf, v)
+            return float(np.median(v))
+
+        rows.append({
+            "N": n, "width": w, "seeds": len(ms), "test gap": med("test_gap"), "train gap": med("train_gap"),
+            "kernel drift": med("kernel_drift"), "weight gap": med("weight_gap"),
+            "f(θ^lin) gap": med("eq8_test_gap"), "f_lin(θ^lin) vs Eq.9/10": max(float(m.get("lin_consistency", np.nan)) for m in ms),
+        })
+    return ["Medians over seeds (all points, every learning rate):", "",
+            _md_table(rows, list(rows[0].keys())) if rows else "", ""]

@@ -423,6 +423,33 @@ def parameter_space(
     Returns:
       A pytree like ``params0`` with a leading (T,) axis (none for scalar t).
     """
+    def solver(k, fx0):
+        return solve(
+            k, y_train, fx0, t, learning_rate=learning_rate, diag_reg=diag_reg,
+            diag_reg_absolute=diag_reg_absolute, time=time, metric=metric, rcond=rcond,
+        )
+
+    return weights_with(solver, apply_fn, params0, x_train, t, k_train_train=k_train_train,
+                        ntk_method=ntk_method, batch_size=batch_size)
+
+
+def weights_with(
+    solver: Callable[[jax.Array, jax.Array], Solution],
+    apply_fn: Callable[[Any, jax.Array], jax.Array],
+    params0: Any,
+    x_train: jax.Array,
+    t,
+    *,
+    k_train_train: jax.Array | None = None,
+    ntk_method: str = "auto",
+    batch_size: int | None = None,
+) -> Any:
+    """Eq. 8 weights ``θ₀ − Jᵀ α_t`` for any closed-form solver.
+
+    Validates the inputs, evaluates ``f₀(X)``, computes the full kernel when
+    ``k_train_train`` is None, takes ``α_t`` from ``solver(k, f₀).alpha`` and
+    applies ``Jᵀ`` by one VJP vmapped over t (no time axis for scalar t).
+    """
     from ntkdyn.ntk import empirical_ntk  # kernel is computed only when not given
 
     if not callable(apply_fn):
@@ -433,11 +460,8 @@ def parameter_space(
     fx0 = apply_fn(params0, x_train)
     if k_train_train is None:
         k_train_train = empirical_ntk(apply_fn, params0, x_train, method=ntk_method, batch_size=batch_size)
-    sol = solve(
-        k_train_train, y_train, fx0, t, learning_rate=learning_rate, diag_reg=diag_reg,
-        diag_reg_absolute=diag_reg_absolute, time=time, metric=metric, rcond=rcond,
-    )
-    return _drop_time_axis(weights_from_alpha(apply_fn, params0, x_train, sol.alpha), scalar)
+    alpha = solver(k_train_train, fx0).alpha
+    return _drop_time_axis(weights_from_alpha(apply_fn, params0, x_train, alpha), scalar)
 
 
 def max_learning_rate(

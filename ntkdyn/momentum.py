@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkdyn import spectral
-from ntkdyn._checks import as_float_array, check_batch, check_finite, is_concrete
+from ntkdyn._checks import as_float_array, check_finite, is_concrete
 from ntkdyn.dynamics import (
     Solution,
     UnstableLearningRateWarning,
@@ -55,7 +55,7 @@ from ntkdyn.dynamics import (
     _drop_time_axis,
     _kernel_form,
     flatten_kernel,
-    weights_from_alpha,
+    weights_with,
 )
 
 __all__ = [
@@ -407,18 +407,11 @@ def heavy_ball_parameter_space(
     Returns:
       A pytree like ``params0`` with a leading (T,) axis (none for scalar t).
     """
-    from ntkdyn.ntk import empirical_ntk
+    def solver(k, fx0):
+        return heavy_ball_solve(
+            k, y_train, fx0, t, learning_rate=learning_rate, momentum=momentum,
+            diag_reg=diag_reg, diag_reg_absolute=diag_reg_absolute, rcond=rcond,
+        )
 
-    if not callable(apply_fn):
-        raise TypeError(f"apply_fn: expected a callable apply_fn(params, x), got {apply_fn!r}")
-    x_train = check_batch("x_train", x_train)
-    check_finite("x_train", x_train)
-    _, scalar = _check_times(t)
-    fx0 = apply_fn(params0, x_train)
-    if k_train_train is None:
-        k_train_train = empirical_ntk(apply_fn, params0, x_train, method=ntk_method, batch_size=batch_size)
-    sol = heavy_ball_solve(
-        k_train_train, y_train, fx0, t, learning_rate=learning_rate, momentum=momentum,
-        diag_reg=diag_reg, diag_reg_absolute=diag_reg_absolute, rcond=rcond,
-    )
-    return _drop_time_axis(weights_from_alpha(apply_fn, params0, x_train, sol.alpha), scalar)
+    return weights_with(solver, apply_fn, params0, x_train, t, k_train_train=k_train_train,
+                        ntk_method=ntk_method, batch_size=batch_size)

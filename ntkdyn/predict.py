@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 from flax import struct
 
 from ntkdyn._checks import as_float_array, check_batch, check_finite

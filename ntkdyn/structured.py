@@ -552,7 +552,6 @@ def _evaluate(program: _Program, sites: tuple, leaves, x, eps):
 
 def _site_operands(site: _Site, program: _Program, a, deltas):
     """Per-example ``A (S, C)`` and ``D (K, S, F)`` of a dense or conv site (scaled)."""
-    k = deltas.shape[0]
     eqn = program.eqns[site.op_eqn]
     c = site.C - (site.bias is not None)
     if site.kind == "dense":

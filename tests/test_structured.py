@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen, nnx
-from hypothesis import given, settings, strategies as st
 
 from ntkdyn import models, structured
 

@@ -32,6 +32,7 @@ Further methods register themselves in :data:`METHODS` from their own modules
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import importlib
@@ -310,14 +311,50 @@ def _total_seconds(cost: TileCost, n1: int, n2: int, b: int, symmetric: bool) ->
     return tiles * cost.seconds(min(b, n1), min(b, n2))
 
 
+_COST_CACHE: "collections.OrderedDict[tuple, TileCost | None]" = collections.OrderedDict()
+_COST_CACHE_SIZE = 64
+
+
+def _abstract(tree) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((tuple(np.shape(l)), str(jnp.result_type(l))) for l in leaves)
+
+
+def _method_cost(name, apply_fn, params, x1, x2, trace_outputs):
+    """``TileCost`` of one method, cached per (apply_fn, shapes): planning traces the model.
+
+    Costs depend on shapes only. The key holds ``apply_fn`` itself, so while
+    an entry lives its function cannot be freed and its id reused; unhashable
+    functions are planned afresh every call.
+    """
+    cost_fn = _AUTO_COSTS.get(name)
+    if cost_fn is None:
+        return None
+    try:
+        key = (name, apply_fn, _abstract(params), _abstract(x1), None if x2 is None else _abstract(x2), trace_outputs)
+        hash(key)
+    except TypeError:
+        return cost_fn(apply_fn, params, x1, x2, trace_outputs)
+    if key in _COST_CACHE:
+        _COST_CACHE.move_to_end(key)
+        return _COST_CACHE[key]
+    cost = cost_fn(apply_fn, params, x1, x2, trace_outputs)
+    _COST_CACHE[key] = cost
+    if len(_COST_CACHE) > _COST_CACHE_SIZE:
+        _COST_CACHE.popitem(last=False)
+    return cost
+
+
 def _plan_method(apply_fn, params, x1, x2, trace_outputs, symmetric, method, budget):
     """``(method, batch_size)``: the requested or cheapest method, and the tile size the budget allows."""
     names = sorted(_AUTO_COSTS) if method == "auto" else [method]
     n1, n2 = x1.shape[0], x2.shape[0]
     best = None
+    concrete = all(is_concrete(l) for l in jax.tree_util.tree_leaves((params, x1, x2)))
     for name in names:
-        cost_fn = _AUTO_COSTS.get(name)
-        cost = cost_fn(apply_fn, params, x1, None if symmetric else x2, trace_outputs) if cost_fn else None
+        args = (name, apply_fn, params, x1, None if symmetric else x2, trace_outputs)
+        # under tracing the cost functions skip their value probes, so those plans are not cached
+        cost = _method_cost(*args) if concrete else (_AUTO_COSTS[name](*args[1:]) if name in _AUTO_COSTS else None)
         if cost is None:
             continue
         b = _largest_tile(cost, n1, n2, budget) if budget is not None else max(n1, n2)

@@ -144,3 +144,35 @@ def test_jaxpr_cost_counts_dense_and_conv_flops():
 
 def test_available_memory_is_positive():
     assert ntk.available_memory() > 0
+
+
+def test_auto_plans_are_cached_per_function_and_shape(monkeypatch):
+    """Planning traces the model; repeated calls with one apply_fn and shapes reuse the plan,
+    and a different function (here one that mixes rows, so structured does not apply) never
+    inherits another's plan."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ntkdyn import models, ntk
+    from _ntk_oracle import explicit_ntk
+
+    f, p = models.mlp(3, 2, width=8, depth=1, dtype=jnp.float64, seed=4)
+    x = jax.random.normal(jax.random.key(0), (6, 3))
+    calls = []
+    original = ntk._AUTO_COSTS["structured"]
+    monkeypatch.setitem(ntk._AUTO_COSTS, "structured", lambda *a: calls.append(1) or original(*a))
+    ntk._COST_CACHE.clear()
+    k1 = ntk.empirical_ntk(f, p, x)
+    k2 = ntk.empirical_ntk(f, p, x)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(k1, k2)
+    ntk.empirical_ntk(f, p, x[:5])  # new shape: planned again
+    assert len(calls) == 2
+
+    def mixing(params, z):  # batch statistics couple the rows
+        out = f(params, z)
+        return out - jnp.mean(out, axis=0, keepdims=True)
+
+    assert ntk.plan_ntk(mixing, p, x)[0] != "structured"
+    np.testing.assert_allclose(ntk.empirical_ntk(mixing, p, x), explicit_ntk(mixing, p, x, x), atol=1e-10)

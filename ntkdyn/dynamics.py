@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +133,63 @@ def _metric_root(metric: jax.Array, n_examples: int, outputs: int) -> jax.Array:
     return (v * jnp.sqrt(jnp.maximum(w, 0.0))) @ v.T
 
 
+class Problem(NamedTuple):
+    """Validated inputs of a closed-form solve (see :func:`validate_problem`)."""
+
+    k_tt: jax.Array
+    y_train: jax.Array
+    fx_train_0: jax.Array
+    k_st: jax.Array | None
+    fx_test_0: jax.Array | None
+    times: jax.Array
+    lr: Any
+    traced: bool
+    dtype: Any
+    n: int
+    rcond: float
+
+
+def validate_problem(
+    k_train_train, y_train, fx_train_0, t, *, k_test_train=None, fx_test_0=None,
+    learning_rate=1.0, diag_reg=0.0, rcond=None,
+) -> Problem:
+    """Check shapes, forms, finiteness and hyper-parameters of a kernel solve.
+
+    Shared by every closed-form solver (plain and heavy-ball). The working
+    dtype is the model's, ``result_type(k, f₀)`` (targets are cast to it), and
+    the default ``rcond`` is ``N·K·eps`` of the kernel's own dtype: a float32
+    kernel is only float32-accurate whatever dtype Y came in.
+    """
+    fx_train_0 = _check_2d("fx_train_0", fx_train_0)
+    n_train, outputs = fx_train_0.shape
+    y_train = _check_2d("y_train", y_train, n_train, outputs)
+    k_tt = as_float_array("k_train_train", k_train_train)
+    traced = _kernel_form("k_train_train", k_tt, n_train, n_train, outputs)
+    times, _ = _check_times(t)
+    lr = _check_learning_rate(learning_rate)
+    _check_diag_reg(diag_reg)
+    _check_rcond(rcond)
+    k_st = None
+    if k_test_train is not None or fx_test_0 is not None:
+        if k_test_train is None or fx_test_0 is None:
+            raise ValueError("k_test_train, fx_test_0: pass both for test predictions, or neither")
+        fx_test_0 = _check_2d("fx_test_0", fx_test_0, None, outputs)
+        k_st = as_float_array("k_test_train", k_test_train)
+        if _kernel_form("k_test_train", k_st, fx_test_0.shape[0], n_train, outputs) != traced:
+            raise ValueError(
+                "k_test_train: must be in the same form (full or output-traced) as k_train_train; "
+                f"got shapes {tuple(k_st.shape)} and {tuple(k_tt.shape)}"
+            )
+    for name, arr in (("k_train_train", k_tt), ("y_train", y_train), ("fx_train_0", fx_train_0),
+                      ("k_test_train", k_st), ("fx_test_0", fx_test_0)):
+        if arr is not None:
+            check_finite(name, arr)
+    dtype = jnp.result_type(k_tt, fx_train_0)
+    n = n_train * outputs
+    rcond = spectral.default_rcond(n, k_tt.dtype) if rcond is None else float(rcond)
+    return Problem(k_tt, y_train, fx_train_0, k_st, fx_test_0, times.astype(dtype), lr, traced, dtype, n, rcond)
+
+
 def solve(
     k_train_train: jax.Array,
     y_train: jax.Array,
@@ -154,39 +211,14 @@ def solve(
     :func:`ntkdyn.predict`. Arguments as in :func:`function_space`.
     """
     spectral._check_time(time)
-    fx_train_0 = _check_2d("fx_train_0", fx_train_0)
+    prob = validate_problem(
+        k_train_train, y_train, fx_train_0, t, k_test_train=k_test_train, fx_test_0=fx_test_0,
+        learning_rate=learning_rate, diag_reg=diag_reg, rcond=rcond,
+    )
+    k_tt, y_train, fx_train_0, k_st, fx_test_0 = prob.k_tt, prob.y_train, prob.fx_train_0, prob.k_st, prob.fx_test_0
+    times, lr, traced, dtype, n, rcond = prob.times, prob.lr, prob.traced, prob.dtype, prob.n, prob.rcond
     n_train, outputs = fx_train_0.shape
-    y_train = _check_2d("y_train", y_train, n_train, outputs)
-    k_tt = as_float_array("k_train_train", k_train_train)
-    traced = _kernel_form("k_train_train", k_tt, n_train, n_train, outputs)
-    times, _ = _check_times(t)
-    lr = _check_learning_rate(learning_rate)
-    _check_diag_reg(diag_reg)
-    _check_rcond(rcond)
-    has_test = k_test_train is not None or fx_test_0 is not None
-    if has_test:
-        if k_test_train is None or fx_test_0 is None:
-            raise ValueError("k_test_train, fx_test_0: pass both for test predictions, or neither")
-        fx_test_0 = _check_2d("fx_test_0", fx_test_0, None, outputs)
-        k_st = as_float_array("k_test_train", k_test_train)
-        traced_st = _kernel_form("k_test_train", k_st, fx_test_0.shape[0], n_train, outputs)
-        if traced_st != traced:
-            raise ValueError(
-                "k_test_train: must be in the same form (full or output-traced) as k_train_train; "
-                f"got shapes {tuple(k_st.shape)} and {tuple(k_tt.shape)}"
-            )
-    for name, arr in (("k_train_train", k_tt), ("y_train", y_train), ("fx_train_0", fx_train_0)):
-        check_finite(name, arr)
-    if has_test:
-        check_finite("k_test_train", k_st)
-        check_finite("fx_test_0", fx_test_0)
-
-    # work in the model's precision (targets are cast to it), and take the default cut-off from the
-    # kernel's own precision: a float32 kernel is only float32-accurate, whatever dtype Y came in
-    dtype = jnp.result_type(k_tt, fx_train_0)
-    n = n_train * outputs
-    if rcond is None:
-        rcond = spectral.default_rcond(n, k_tt.dtype)
+    has_test = k_st is not None
     root = None
     if metric is not None:
         root = _metric_root(metric, n_train, outputs).astype(dtype)
@@ -200,8 +232,7 @@ def solve(
     mat = (k_tt if traced else flatten_kernel(k_tt)).astype(dtype)
     r0 = (fx_train_0 - y_train).astype(dtype)
     r0 = r0 if traced else r0.reshape(n, 1)
-    times = times.astype(dtype)
-    spec = _decompose(mat, root, jnp.asarray(diag_reg, dtype), diag_reg_absolute=diag_reg_absolute, rcond=float(rcond))
+    spec = _decompose(mat, root, jnp.asarray(diag_reg, dtype), diag_reg_absolute=diag_reg_absolute, rcond=rcond)
     _warn_unstable(spec, lr, n, time, times)
     if has_test:
         k_st = (k_st if traced else flatten_kernel(k_st)).astype(dtype)

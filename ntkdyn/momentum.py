@@ -46,15 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntkdyn import spectral
-from ntkdyn._checks import as_float_array, check_finite, is_concrete
+from ntkdyn._checks import is_concrete
 from ntkdyn.dynamics import (
     Solution,
     UnstableLearningRateWarning,
-    _check_2d,
     _check_times,
     _drop_time_axis,
-    _kernel_form,
     flatten_kernel,
+    validate_problem,
     weights_with,
 )
 
@@ -291,42 +290,22 @@ def heavy_ball_solve(
     ``test`` (T, Nt, K) or None, ``alpha`` (T, N, K), ``spectrum``).
     """
     beta = _check_momentum(momentum)
-    lr = _check_lr(learning_rate)
-    fx_train_0 = _check_2d("fx_train_0", fx_train_0)
-    n_train, outputs = fx_train_0.shape
-    y_train = _check_2d("y_train", y_train, n_train, outputs)
-    k_tt = as_float_array("k_train_train", k_train_train)
-    traced = _kernel_form("k_train_train", k_tt, n_train, n_train, outputs)
-    times, _ = _check_times(t)
-    if isinstance(diag_reg, (int, float)) and diag_reg < 0:
-        raise ValueError(f"diag_reg: expected a value >= 0, got {diag_reg}")
-    has_test = k_test_train is not None or fx_test_0 is not None
-    if has_test:
-        if k_test_train is None or fx_test_0 is None:
-            raise ValueError("k_test_train, fx_test_0: pass both for test predictions, or neither")
-        fx_test_0 = _check_2d("fx_test_0", fx_test_0, None, outputs)
-        k_st = as_float_array("k_test_train", k_test_train)
-        if _kernel_form("k_test_train", k_st, fx_test_0.shape[0], n_train, outputs) != traced:
-            raise ValueError(
-                "k_test_train: must be in the same form (full or output-traced) as k_train_train; "
-                f"got shapes {tuple(k_st.shape)} and {tuple(k_tt.shape)}"
-            )
-        check_finite("k_test_train", k_st)
-        check_finite("fx_test_0", fx_test_0)
-    for name, arr in (("k_train_train", k_tt), ("y_train", y_train), ("fx_train_0", fx_train_0)):
-        check_finite(name, arr)
-
-    dtype = jnp.result_type(k_tt, y_train, fx_train_0)
-    n = n_train * outputs
+    _check_lr(learning_rate)
+    prob = validate_problem(
+        k_train_train, y_train, fx_train_0, t, k_test_train=k_test_train, fx_test_0=fx_test_0,
+        learning_rate=learning_rate, diag_reg=diag_reg, rcond=rcond,
+    )
+    k_tt, y_train, fx_train_0, k_st = prob.k_tt, prob.y_train, prob.fx_train_0, prob.k_st
+    fx_test_0, times, lr, traced, dtype, n = prob.fx_test_0, prob.times, prob.lr, prob.traced, prob.dtype, prob.n
+    has_test = k_st is not None
     mat = (k_tt if traced else flatten_kernel(k_tt)).astype(dtype)
-    times = times.astype(dtype)
     num_bits = _num_bits(jnp.where(jnp.isinf(times), 0.0, times))
     train, test, alpha, spec = _solve_core(
         mat, (fx_train_0 - y_train).astype(dtype), y_train.astype(dtype),
         None if not has_test else (k_st if traced else flatten_kernel(k_st)).astype(dtype),
         None if not has_test else fx_test_0.astype(dtype),
         times, lr, diag_reg, num_bits,
-        momentum=beta, traced=traced, diag_reg_absolute=diag_reg_absolute, rcond=rcond,
+        momentum=beta, traced=traced, diag_reg_absolute=diag_reg_absolute, rcond=prob.rcond,
     )
     if is_concrete(spec.eigenvalues) and is_concrete(lr):
         lam_max = float(spec.max_eigenvalue)

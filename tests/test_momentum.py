@@ -204,3 +204,20 @@ def test_modes_shapes_and_finiteness_property(m, t_len, beta, scalar_t):
     shape = (m,) if scalar_t else (t_len, m)
     assert e.shape == shape and g.shape == shape
     assert np.all(np.isfinite(e)) and np.all(np.isfinite(g)) and np.all(np.abs(np.asarray(e)) <= 1.0 + 1e-12)
+
+
+def test_float32_kernel_with_float64_targets_keeps_float32_and_its_cut_off():
+    """Same validation as the plain solver: the model's dtype wins and the cut-off is the kernel's."""
+    from ntkdyn import models
+
+    f, p = models.mlp(2, 1, width=3, depth=1, activation="tanh", dtype=jnp.float32, seed=1)
+    x = jax.random.normal(jax.random.key(0), (40, 2), jnp.float32)
+    y64 = np.sin(np.asarray(x, np.float64).sum(1, keepdims=True))
+    k = ntkdyn.empirical_ntk(f, p, x)
+    f0 = f(p, x)
+    a, _ = heavy_ball_function_space(k, y64.astype(np.float32), f0, jnp.inf, learning_rate=0.5, momentum=0.5)
+    b, _ = heavy_ball_function_space(k, y64, f0, jnp.inf, learning_rate=0.5, momentum=0.5)
+    assert b.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="^diag_reg:"):
+        heavy_ball_function_space(k, y64, f0, 1.0, diag_reg=jnp.array(-1.0))

@@ -285,6 +285,11 @@ def _evaluate(spec, mat, root, r0, y_train, times, lr, k_st, fx_test_0, *, time:
 
 
 def _check_learning_rate(learning_rate) -> float | jax.Array:
+    """A finite scalar η > 0 (value checks only when concrete: under jit it is traced)."""
+    if isinstance(learning_rate, bool) or not isinstance(
+        learning_rate, (int, float, np.floating, np.integer, np.ndarray, jax.Array)
+    ):
+        raise TypeError(f"learning_rate: expected a positive float, got {learning_rate!r}")
     if np.ndim(learning_rate) != 0:
         raise ValueError(f"learning_rate: expected a scalar, got shape {np.shape(learning_rate)}")
     if is_concrete(learning_rate):

@@ -50,6 +50,7 @@ from ntkdyn._checks import is_concrete
 from ntkdyn.dynamics import (
     Solution,
     UnstableLearningRateWarning,
+    _check_learning_rate,
     _check_times,
     _drop_time_axis,
     flatten_kernel,
@@ -73,19 +74,6 @@ def _check_momentum(momentum) -> float:
     if not (0.0 <= float(momentum) < 1.0):
         raise ValueError(f"momentum: expected a float in [0, 1), got {momentum!r}")
     return float(momentum)
-
-
-def _check_lr(learning_rate):
-    if not is_concrete(learning_rate):
-        return learning_rate  # traced inside jit: checked by the caller
-    if isinstance(learning_rate, bool) or not isinstance(
-        learning_rate, (int, float, np.floating, np.integer, np.ndarray, jax.Array)
-    ):
-        raise TypeError(f"learning_rate: expected a positive float, got {learning_rate!r}")
-    value = float(np.asarray(learning_rate))
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"learning_rate: expected a finite float > 0, got {learning_rate!r}")
-    return learning_rate
 
 
 def _step_offset(lam: jax.Array, learning_rate, momentum: float, n: int) -> jax.Array:
@@ -160,7 +148,7 @@ def heavy_ball_modes(lam, t, *, learning_rate: float, momentum: float, n: int) -
     Null modes are the caller's business (the solvers set their G to 0).
     """
     beta = _check_momentum(momentum)
-    lr = _check_lr(learning_rate)
+    lr = _check_learning_rate(learning_rate)
     lam = jnp.asarray(lam)
     t = jnp.asarray(t)
     if is_concrete(t):
@@ -198,7 +186,7 @@ def heavy_ball_decay_curve(lam, steps: int, *, learning_rate: float, momentum: f
     product per mode and step; only the (r, ω) block matters for E).
     """
     beta = _check_momentum(momentum)
-    lr = _check_lr(learning_rate)
+    lr = _check_learning_rate(learning_rate)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps: expected an integer >= 0, got {steps!r}")
     lam = jnp.atleast_1d(jnp.asarray(lam))
@@ -290,7 +278,6 @@ def heavy_ball_solve(
     ``test`` (T, Nt, K) or None, ``alpha`` (T, N, K), ``spectrum``).
     """
     beta = _check_momentum(momentum)
-    _check_lr(learning_rate)
     prob = validate_problem(
         k_train_train, y_train, fx_train_0, t, k_test_train=k_test_train, fx_test_0=fx_test_0,
         learning_rate=learning_rate, diag_reg=diag_reg, rcond=rcond,

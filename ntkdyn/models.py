@@ -9,7 +9,11 @@ turns the three kinds of model users bring into that form:
   statistics, RNG counters) is held fixed;
 * a flax linen module's ``apply`` (or the module itself) with its variables:
   the ``"params"`` collection is differentiable, other collections are fixed;
-* a plain ``(apply_fn, params)`` pair, passed through unchanged.
+* a plain ``(apply_fn, params)`` pair.
+
+All three become a :class:`Model` — a pytree whose static part is the graph
+and whose leaves are the arrays it holds — so jitted code takes it as a traced
+argument and its compiled programs are reused across calls.
 
 It also builds the networks of the NTK literature, in both parameterizations:
 
@@ -28,11 +32,15 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
+
+from ntkdyn import _validate
 
 __all__ = [
     "ACTIVATIONS",
     "PARAMETERIZATIONS",
+    "Model",
+    "as_model",
     "as_apply_fn",
     "NTKDense",
     "NTKConv",
@@ -74,43 +82,50 @@ def _is_linen_module(obj) -> bool:
     return isinstance(obj, linen.Module)
 
 
-class _NNXApply:
-    """``apply_fn(params, x)`` of a split NNX module.
+KINDS = ("plain", "nnx", "linen")
 
-    Equal (and equally hashed) for the same graph and the very same
-    non-parameter arrays, so jitted NTK tiles are reused across calls on one
-    module instead of recompiling; a module with changed state compares unequal.
+
+@struct.dataclass
+class Model:
+    """``apply_fn(params, x)`` as a pytree: the graph is static, held arrays are leaves.
+
+    Jitted code takes a ``Model`` as an ordinary (traced) argument. Its static
+    part — an NNX ``GraphDef``, a linen module, or a plain function — is hashed
+    into the compiled program's cache key by value (graph / module) or identity
+    (function), and the arrays it holds (NNX non-parameter state, linen
+    non-``params`` collections) are traced leaves. So repeated calls on one
+    model, or on another instance of the same architecture, reuse compiled code
+    without any hand-made hashing.
+
+    Attributes:
+      kind: ``"plain"``, ``"nnx"`` or ``"linen"``.
+      graph: the user's function, the NNX graph definition, or the linen module.
+      state: arrays held fixed (``None`` for a plain function).
     """
 
-    def __init__(self, graphdef, rest):
-        self.graphdef, self.rest = graphdef, rest
-        self._rest_ids = tuple(id(leaf) for leaf in jax.tree_util.tree_leaves(rest))
+    kind: str = struct.field(pytree_node=False)
+    graph: Any = struct.field(pytree_node=False)
+    state: Any = None
 
     def __call__(self, params, x):
-        return nnx.merge(self.graphdef, params, self.rest)(x)
-
-    def __hash__(self):
-        try:
-            return hash((self.graphdef, self._rest_ids))
-        except TypeError:  # an unhashable graph: fall back to identity
-            return id(self)
-
-    def __eq__(self, other):
-        if not isinstance(other, _NNXApply):
-            return NotImplemented
-        if self is other:
-            return True
-        try:
-            same_graph = bool(self.graphdef == other.graphdef)
-        except Exception:  # noqa: BLE001 - graph types without equality
-            return False
-        leaves_a = jax.tree_util.tree_leaves(self.rest)
-        leaves_b = jax.tree_util.tree_leaves(other.rest)
-        return same_graph and len(leaves_a) == len(leaves_b) and all(a is b for a, b in zip(leaves_a, leaves_b))
+        if self.kind == "nnx":
+            return nnx.merge(self.graph, params, self.state)(x)
+        if self.kind == "linen":
+            return self.graph.apply({**self.state, "params": params}, x)
+        return self.graph(params, x)
 
 
-def as_apply_fn(model, apply_fn: ApplyFn | None = None) -> tuple[ApplyFn, Any]:
-    """Return ``(apply_fn, params)`` with ``apply_fn(params, x)`` pure.
+def as_model(apply_fn) -> Model:
+    """A :class:`Model` for any ``apply_fn(params, x)`` (returned unchanged when it is one already)."""
+    if isinstance(apply_fn, Model):
+        return apply_fn
+    if not callable(apply_fn):
+        raise TypeError(f"apply_fn: expected a callable apply_fn(params, x), got {apply_fn!r}")
+    return Model(kind="plain", graph=apply_fn, state=None)
+
+
+def as_apply_fn(model, apply_fn: ApplyFn | None = None) -> tuple[Model, Any]:
+    """Return ``(apply_fn, params)`` with ``apply_fn(params, x)`` a pure :class:`Model`.
 
     Args:
       model: a flax ``nnx.Module`` (then ``apply_fn`` must be None), or the
@@ -131,7 +146,7 @@ def as_apply_fn(model, apply_fn: ApplyFn | None = None) -> tuple[ApplyFn, Any]:
                 f"(the module is its own apply function); got {apply_fn!r}"
             )
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        return _NNXApply(graphdef, rest), params
+        return Model(kind="nnx", graph=graphdef, state=rest), params
 
     if apply_fn is None:
         raise TypeError(
@@ -152,25 +167,14 @@ def as_apply_fn(model, apply_fn: ApplyFn | None = None) -> tuple[ApplyFn, Any]:
                 f"'params' collection; got {type(model).__name__}"
             )
         rest = {k: v for k, v in model.items() if k != "params"}
+        return Model(kind="linen", graph=linen_module, state=rest), model["params"]
 
-        def linen_apply(p, x):
-            return linen_module.apply({**rest, "params": p}, x)
-
-        return linen_apply, model["params"]
-
-    if not callable(apply_fn):
-        raise TypeError(f"apply_fn: expected a callable apply_fn(params, x), got {apply_fn!r}")
-    return apply_fn, model
+    return as_model(apply_fn), model
 
 
 # --------------------------------------------------------------------------- #
 # layers
 # --------------------------------------------------------------------------- #
-
-
-def _check_choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")
 
 
 def _init_scales(parameterization: str, fan_in: int, sigma_w: float, sigma_b: float):
@@ -199,7 +203,7 @@ class NTKDense(nnx.Module):
         rngs: nnx.Rngs,
         dtype=None,
     ):
-        _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+        _validate.choice("parameterization", parameterization, PARAMETERIZATIONS)
         if in_features < 1 or out_features < 1:
             raise ValueError(
                 f"in_features/out_features: expected positive sizes, got {in_features}, {out_features}"
@@ -243,7 +247,7 @@ class NTKConv(nnx.Module):
         rngs: nnx.Rngs,
         dtype=None,
     ):
-        _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+        _validate.choice("parameterization", parameterization, PARAMETERIZATIONS)
         ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
         self.padding = padding
@@ -299,7 +303,7 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs | None = None,
         dtype=None,
     ):
-        _check_choice("activation", activation, ACTIVATIONS)
+        _validate.choice("activation", activation, ACTIVATIONS)
         if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
             raise ValueError(f"width: expected an integer >= 1, got {width!r}")
         if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 0:
@@ -341,7 +345,7 @@ class CNN(nnx.Module):
         rngs: nnx.Rngs | None = None,
         dtype=None,
     ):
-        _check_choice("activation", activation, ACTIVATIONS)
+        _validate.choice("activation", activation, ACTIVATIONS)
         if len(input_shape) != 3:
             raise ValueError(f"input_shape: expected (H, W, C), got {tuple(input_shape)}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)

@@ -1,86 +1,55 @@
 """ntkdyn: predict neural-network training from the Neural Tangent Kernel.
 
-Layers, lowest first (each imports only those before it)::
+The core API (this namespace)::
 
-    models ─► ntk (+ structured, sketch) ─► spectral ─► dynamics ─► predict
-    train ─► compare ─► sweep ─► report ─► cli
-    companions: curvature, implicit (on top of ntk / dynamics)
+    models ─► kernels ─► spectral ─► dynamics ─► prediction
+    (adapters,  (empirical NTK,  (eigh, per-mode   (one closed-form    (predict,
+     builders)   operator)        functions)        solver)             Prediction)
+
+Subpackages: :mod:`ntkdyn.kernels` (the NTK method family), :mod:`ntkdyn.experiments`
+(data, training, comparison, sweeps, reports, the ``ntkdyn`` command; imported on
+first use so that ``import ntkdyn`` never loads matplotlib, tqdm or scikit-learn),
+and the companions :mod:`ntkdyn.curvature` and :mod:`ntkdyn.implicit`.
 """
 
 from ntkdyn._version import __version__
-from ntkdyn import models, spectral
-from ntkdyn import curvature, implicit, sketch
-from ntkdyn.curvature import spectrum_recorder
-from ntkdyn.implicit import SolverNotConverged, aligned_loss, solver_layer
-from ntkdyn.sketch import blackbox_ntk, restore_jacobian, sketched_ntk
-from ntkdyn.dynamics import (
-    UnstableLearningRateWarning,
-    flatten_kernel,
-    function_space,
-    max_learning_rate,
-    parameter_space,
-)
-from ntkdyn.linearize import linearize
-from ntkdyn import structured  # registers method "structured" (ntk.py also loads it lazily)
-from ntkdyn.ntk import TileCost, empirical_ntk, ntk_vp, plan_ntk
-from ntkdyn.predict import Prediction, predict
-from ntkdyn import data, momentum
-from ntkdyn.compare import Comparison, compare
-from ntkdyn.data import Dataset, digits, load_dataset, synthetic_regression
-from ntkdyn.momentum import (
-    heavy_ball_function_space,
-    heavy_ball_max_learning_rate,
-    heavy_ball_modes,
-    heavy_ball_parameter_space,
-)
-from ntkdyn.report import write_report
-from ntkdyn.sweep import SweepGrid, sweep
-from ntkdyn.train import TrainResult, train
+from ntkdyn import curvature, dynamics, implicit, kernels, models, spectral
+from ntkdyn.dynamics import UnstableLearningRateWarning, function_space, max_learning_rate, parameter_space
+from ntkdyn.implicit import SolverNotConverged
+from ntkdyn.kernels import empirical_ntk, ntk_vp
+from ntkdyn.linearization import linearize
+from ntkdyn.prediction import Prediction, predict
 from ntkdyn.spectral import Spectrum
 
 __all__ = [
     "__version__",
-    "models",
-    "spectral",
-    "Spectrum",
+    # core API
     "empirical_ntk",
     "ntk_vp",
-    "plan_ntk",
-    "TileCost",
-    "structured",
     "linearize",
     "function_space",
     "parameter_space",
     "max_learning_rate",
-    "flatten_kernel",
-    "UnstableLearningRateWarning",
     "predict",
     "Prediction",
-    "data",
-    "momentum",
-    "Comparison",
-    "compare",
-    "Dataset",
-    "digits",
-    "load_dataset",
-    "synthetic_regression",
-    "heavy_ball_function_space",
-    "heavy_ball_max_learning_rate",
-    "heavy_ball_modes",
-    "heavy_ball_parameter_space",
-    "write_report",
-    "SweepGrid",
-    "sweep",
-    "TrainResult",
-    "train",
+    "Spectrum",
+    "UnstableLearningRateWarning",
+    "SolverNotConverged",
+    # subpackages and modules
+    "models",
+    "kernels",
+    "spectral",
+    "dynamics",
     "curvature",
     "implicit",
-    "sketch",
-    "spectrum_recorder",
-    "SolverNotConverged",
-    "aligned_loss",
-    "solver_layer",
-    "blackbox_ntk",
-    "restore_jacobian",
-    "sketched_ntk",
+    "experiments",
 ]
+
+
+def __getattr__(name: str):
+    # the experiments layer (and its plotting/progress dependencies) loads on first use
+    if name == "experiments":
+        import importlib
+
+        return importlib.import_module("ntkdyn.experiments")
+    raise AttributeError(f"module 'ntkdyn' has no attribute {name!r}")

@@ -160,19 +160,24 @@ def symmetric(name: str, mat, *, what: str = "kernel") -> None:
         )
 
 
-def psd_eigenvalues(name: str, eigenvalues, dtype, *, what: str = "kernel") -> None:
-    """ValueError naming ``name`` when concrete ascending ``eigenvalues`` go below ``−tol·max|λ|``."""
+def psd_eigenvalues(name: str, eigenvalues, dtype, *, size: int | None = None, what: str = "kernel") -> None:
+    """ValueError naming ``name`` when concrete ``eigenvalues`` go below ``−tol·max|λ|``.
+
+    ``size`` is the matrix order for :func:`psd_tolerance` (default: the number
+    of eigenvalues given, so a caller may pass just the extreme pair).
+    """
     if not is_concrete(eigenvalues):
         return
     w = np.asarray(eigenvalues, dtype=np.float64)
     if w.size == 0:
         return
-    tol = psd_tolerance(w.size, dtype)
+    tol = psd_tolerance(w.size if size is None else size, dtype)
     top = float(np.abs(w).max())
-    if w[0] < -tol * top:
+    low = float(w.min())
+    if low < -tol * top:
         raise ValueError(
-            f"{name}: expected a positive semi-definite {what}, got smallest eigenvalue {w[0]:.3g} "
-            f"({w[0] / top:.2g} of the largest |eigenvalue|; tolerance {tol:.2g})"
+            f"{name}: expected a positive semi-definite {what}, got smallest eigenvalue {low:.3g} "
+            f"({low / top:.2g} of the largest |eigenvalue|; tolerance {tol:.2g})"
         )
 
 

@@ -19,19 +19,11 @@ from hypothesis import strategies as st
 
 import ntkdyn
 from ntkdyn import models
+from ntkdyn.kernels import flatten_kernel
 
 
-def linear_apply(params, x):
-    return x @ params["W"] + params["b"]
-
-
-def linear_problem(k_out=2, n=7, n_test=4, d=3, seed=0):
-    ks = jax.random.split(jax.random.key(seed), 5)
-    x = jax.random.normal(ks[0], (n, d))
-    xt = jax.random.normal(ks[1], (n_test, d))
-    y = jax.random.normal(ks[2], (n, k_out))
-    params = {"W": jax.random.normal(ks[3], (d, k_out)), "b": 0.3 * jax.random.normal(ks[4], (k_out,))}
-    return params, x, xt, y
+from conftest import linear_apply
+from conftest import make_linear_problem as linear_problem
 
 
 def run_gd(apply_fn, params, x, y, xt, lr, steps, momentum=None):
@@ -205,13 +197,13 @@ def test_singular_kernel_weights_stay_bounded(dtype):
     dist = jnp.linalg.norm(flat(theta) - flat(jax.tree_util.tree_map(lambda a: a[None], p)), axis=1)
     assert bool(jnp.all(jnp.isfinite(dist)))
     n = x.shape[0]
-    j_norm = float(jnp.sqrt(jnp.linalg.eigvalsh(ntkdyn.flatten_kernel(k).astype(jnp.float64)).max()))
+    j_norm = float(jnp.sqrt(jnp.linalg.eigvalsh(flatten_kernel(k).astype(jnp.float64)).max()))
     r_norm = float(jnp.linalg.norm(f(p, x) - y))
     for ti, di in zip(np.asarray(ts[:3]), np.asarray(dist[:3])):
         assert di <= ti / n * j_norm * r_norm * (1 + 1e-3)
     np.testing.assert_allclose(dist[3], dist[4], rtol=1e-5)
     # θ_∞ is the minimum-norm move: ‖θ_∞ − θ₀‖² = r₀ᵀ Θ⁺ r₀ restricted to the range
-    k64 = np.asarray(ntkdyn.flatten_kernel(k), np.float64)
+    k64 = np.asarray(flatten_kernel(k), np.float64)
     r0 = np.asarray(f(p, x) - y, np.float64).ravel()
     expected = np.sqrt(r0 @ np.linalg.pinv(k64, hermitian=True, rcond=1e-5 if dtype == jnp.float32 else 1e-15) @ r0)
     np.testing.assert_allclose(float(dist[4]), expected, rtol=1e-2 if dtype == jnp.float32 else 1e-8)
@@ -286,7 +278,7 @@ def test_max_learning_rate_separates_convergence_from_divergence():
     params, x, xt, y = linear_problem(2)
     k = ntkdyn.empirical_ntk(linear_apply, params, x)
     lr_max = float(ntkdyn.max_learning_rate(k))
-    lam_max = float(jnp.linalg.eigvalsh(ntkdyn.flatten_kernel(k)).max())
+    lam_max = float(jnp.linalg.eigvalsh(flatten_kernel(k)).max())
     assert lr_max == pytest.approx(2 * y.size / lam_max, rel=1e-12)
     traced = ntkdyn.empirical_ntk(linear_apply, params, x, trace_outputs=True)
     assert float(ntkdyn.max_learning_rate(traced, num_outputs=2)) == pytest.approx(lr_max, rel=1e-10)
@@ -379,7 +371,7 @@ def test_gradient_in_time_is_exact_at_zero(good):
     k, y, f0 = good["k"], good["y"], good["f0"]
     n = y.size
     dfdt = jax.jacfwd(lambda t: ntkdyn.function_space(k, y, f0, t, learning_rate=0.3)[0])(0.0)
-    expected = -(0.3 / n) * (ntkdyn.flatten_kernel(k) @ (f0 - y).ravel()).reshape(y.shape)
+    expected = -(0.3 / n) * (flatten_kernel(k) @ (f0 - y).ravel()).reshape(y.shape)
     np.testing.assert_allclose(dfdt, expected, atol=1e-12)
 
 
@@ -409,7 +401,7 @@ def test_float32_model_with_float64_targets_uses_the_float32_cut_off():
                                                              jax.tree_util.tree_leaves(p))) ** 0.5
     # minimum-norm move through at most P directions: bounded by ‖r₀‖/√λ_min(kept); a kept round-off
     # mode (λ ~ eps32·λ_max) would make it ~1e3× larger
-    spec = ntkdyn.spectral.spectrum(ntkdyn.flatten_kernel(k), rcond=40 * float(jnp.finfo(jnp.float32).eps))
+    spec = ntkdyn.spectral.spectrum(flatten_kernel(k), rcond=40 * float(jnp.finfo(jnp.float32).eps))
     assert int(spec.rank) <= rank_p
     kept = spec.eigenvalues[~spec.null]
     assert move <= float(jnp.linalg.norm(f0 - y64) / jnp.sqrt(kept.min())) * 1.01

@@ -34,6 +34,7 @@ __all__ = [
     "symmetric",
     "psd_eigenvalues",
     "symmetric_psd",
+    "positive_definite",
     "times",
     "positive_scalar",
     "nonnegative_scalar",
@@ -189,6 +190,21 @@ def symmetric_psd(name: str, mat, *, what: str = "matrix") -> None:
     values = np.asarray(mat, dtype=np.float64)
     if values.size:
         psd_eigenvalues(name, np.linalg.eigvalsh(0.5 * (values + values.T)), np.asarray(mat).dtype, what=what)
+
+
+def positive_definite(name: str, mat) -> jax.Array:
+    """A finite, square, symmetric positive definite matrix (value checks when concrete)."""
+    arr = float_array(name, mat)
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty square matrix, got shape {tuple(arr.shape)}")
+    finite(name, arr)
+    if is_concrete(arr):
+        symmetric(name, arr, what="positive definite matrix")
+        values = np.asarray(arr, dtype=np.float64)
+        smallest = float(np.linalg.eigvalsh(0.5 * (values + values.T)).min())
+        if smallest <= 0:
+            raise ValueError(f"{name}: expected a positive definite matrix, got smallest eigenvalue {smallest:.3g}")
+    return arr
 
 
 def times(t) -> tuple[jax.Array, bool]:

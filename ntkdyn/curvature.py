@@ -27,14 +27,13 @@ import optax
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
-from ntkdyn import ntk
-from ntkdyn._checks import as_float_array, check_batch
-from ntkdyn.dynamics import flatten_kernel
+from ntkdyn import _validate
+from ntkdyn.kernels import flat_param_count, flatten_kernel, output_shape
 
 __all__ = [
     "LanczosResult",
     "WHICH",
-    "mse_loss",
+    "mse_objective",
     "hvp",
     "gauss_newton_vp",
     "lanczos",
@@ -42,7 +41,7 @@ __all__ = [
     "hessian_eigenvalues",
     "gauss_newton_eigenvalues",
     "gauss_newton_eigenvalues_from_ntk",
-    "max_learning_rate",
+    "max_stable_step",
     "spectrum_recorder",
 ]
 
@@ -73,7 +72,7 @@ class LanczosResult:
 # --------------------------------------------------------------------------- #
 
 
-def mse_loss(apply_fn: Callable[[Any, jax.Array], jax.Array], x: jax.Array, y: jax.Array) -> Callable[[Any], jax.Array]:
+def mse_objective(apply_fn: Callable[[Any, jax.Array], jax.Array], x: jax.Array, y: jax.Array) -> Callable[[Any], jax.Array]:
     """``L(θ) = 1/(2n) Σ (f(θ, X) − Y)²`` (= ``mean(optax.l2_loss)``), n = N·K, as a function of θ."""
 
     def loss(params):
@@ -135,8 +134,7 @@ def gauss_newton_vp(
 
 
 def _check_k(k, dim: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
+    k = _validate.count("k", k)
     if k > dim:
         raise ValueError(f"k: expected at most the operator dimension {dim}, got {k}")
     return int(k)
@@ -145,9 +143,7 @@ def _check_k(k, dim: int) -> int:
 def _check_num_iter(num_iter, k: int, dim: int) -> int:
     if num_iter is None:
         return min(dim, 2 * k + 40)
-    if isinstance(num_iter, bool) or not isinstance(num_iter, (int, np.integer)) or num_iter < k:
-        raise ValueError(f"num_iter: expected an integer >= k = {k}, got {num_iter!r}")
-    return int(min(num_iter, dim))
+    return min(_validate.count("num_iter", num_iter, k), dim)
 
 
 def _order(evals: jax.Array, k: int, which: str) -> jax.Array:
@@ -278,7 +274,7 @@ def top_eigenvalues(
     The pytree is flattened with ``ravel_pytree``; Ritz vectors come back flat
     (dim, k) in that order.
     """
-    ntk._check_params(params)
+    _validate.params_tree("params", params)
     flat, unravel = ravel_pytree(params)
 
     def matvec(v):
@@ -324,10 +320,10 @@ def gauss_newton_eigenvalues(
     """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn: expected a callable apply_fn(params, x), got {apply_fn!r}")
-    x = check_batch("x", x)
-    n_out = int(np.prod(ntk.output_shape(apply_fn, params, x)))
+    x = _validate.batch("x", x)
+    n_out = int(np.prod(output_shape(apply_fn, params, x)))
     if num_iter is None:
-        dim = ntk.flat_param_count(params)
+        dim = flat_param_count(params)
         num_iter = min(dim, max(_check_k(k, dim), n_out + 1))
     return top_eigenvalues(
         lambda v: gauss_newton_vp(apply_fn, params, x, v, y=y, loss=loss),
@@ -343,7 +339,7 @@ def gauss_newton_eigenvalues_from_ntk(k_train_train: jax.Array) -> jax.Array:
     kernel (N, N, K, K) instead of a (P × P) problem. G has ``P − rank Θ``
     further zeros.
     """
-    kern = as_float_array("k_train_train", k_train_train)
+    kern = _validate.float_array("k_train_train", k_train_train)
     if kern.ndim != 4 or kern.shape[0] != kern.shape[1] or kern.shape[2] != kern.shape[3]:
         raise ValueError(
             "k_train_train: expected the full kernel of shape (N, N, K, K) (the output-traced kernel "
@@ -354,7 +350,7 @@ def gauss_newton_eigenvalues_from_ntk(k_train_train: jax.Array) -> jax.Array:
     return jnp.linalg.eigvalsh(0.5 * (mat + mat.T))[::-1] / n
 
 
-def max_learning_rate(
+def max_stable_step(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     params: Any,
     x: jax.Array,
@@ -364,7 +360,10 @@ def max_learning_rate(
     num_iter: int | None = None,
     seed: int = 0,
 ) -> jax.Array:
-    """Largest stable GD step from the curvature side: ``2 / λ_max``.
+    """Largest stable GD step from the curvature side: ``2 / λ_max`` of the Gauss-Newton matrix or the Hessian.
+
+    (The kernel-side twin, for every optimizer the solver knows, is
+    :func:`ntkdyn.max_learning_rate`.)
 
     With ``matrix="gauss_newton"`` this is ``2 / λ_max(Jᵀ J / n) = 2n/λ_max(Θ)``,
     equal to :func:`ntkdyn.dynamics.max_learning_rate` of the kernel (GD on
@@ -372,13 +371,12 @@ def max_learning_rate(
     ``matrix="hessian"`` (needs ``y``) it is ``2 / λ_max(∇²L)``, the classical
     stability threshold of GD on the real loss at θ ("edge of stability").
     """
-    if matrix not in MATRICES:
-        raise ValueError(f"matrix: expected one of {MATRICES}, got {matrix!r}")
+    _validate.choice("matrix", matrix, MATRICES)
     if matrix == "hessian":
         if y is None:
             raise ValueError("y: the Hessian of the loss needs the targets, got None")
-        x = check_batch("x", x)
-        lam = hessian_eigenvalues(mse_loss(apply_fn, x, y), params, k=1, num_iter=num_iter, seed=seed).eigenvalues[0]
+        x = _validate.batch("x", x)
+        lam = hessian_eigenvalues(mse_objective(apply_fn, x, y), params, k=1, num_iter=num_iter, seed=seed).eigenvalues[0]
     else:
         lam = gauss_newton_eigenvalues(apply_fn, params, x, k=1, num_iter=num_iter, seed=seed).eigenvalues[0]
     return jnp.where(lam > 0, 2.0 / jnp.where(lam > 0, lam, 1.0), jnp.inf)
@@ -404,14 +402,14 @@ def spectrum_recorder(
     Top-k eigenvalues (largest first) of the MSE loss Hessian ``∇²L`` and of
     ``G = Jᵀ J / n`` at ``params``, each by ``num_iter`` Lanczos steps with a
     fixed start vector (``seed``), so the function is pure and traceable:
-    hand it to ``ntkdyn.train(..., record_fn=record_fn, record_at=...)`` to
+    hand it to ``ntkdyn.experiments.train(..., record_fn=record_fn, record_at=...)`` to
     watch the spectrum along a run (``2/η`` is the stability edge for
     ``"hessian"``), or map it over saved parameter snapshots.
     """
     if not callable(apply_fn):
         raise TypeError(f"apply_fn: expected a callable apply_fn(params, x), got {apply_fn!r}")
-    x_train = check_batch("x_train", x_train)
-    y_train = as_float_array("y_train", y_train)
+    x_train = _validate.batch("x_train", x_train)
+    y_train = _validate.float_array("y_train", y_train)
     if y_train.ndim != 2 or y_train.shape[0] != x_train.shape[0]:
         raise ValueError(
             f"y_train: expected shape (N, K) with N = {x_train.shape[0]}, got {tuple(y_train.shape)}"
@@ -419,11 +417,9 @@ def spectrum_recorder(
     matrices = tuple(matrices)
     if not matrices or any(m not in MATRICES for m in matrices):
         raise ValueError(f"matrices: expected a non-empty subset of {MATRICES}, got {matrices!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
-    if isinstance(num_iter, bool) or not isinstance(num_iter, (int, np.integer)) or num_iter < k:
-        raise ValueError(f"num_iter: expected an integer >= k = {k}, got {num_iter!r}")
-    loss_fn = mse_loss(apply_fn, x_train, y_train)
+    k = _validate.count("k", k)
+    num_iter = _validate.count("num_iter", num_iter, k)
+    loss_fn = mse_objective(apply_fn, x_train, y_train)
     key = jax.random.key(seed)
 
     def record_fn(params) -> dict[str, jax.Array]:

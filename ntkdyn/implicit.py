@@ -25,7 +25,6 @@ solved in closed form by :func:`ntkdyn.dynamics.function_space` with
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ntkdyn._checks import as_float_array, check_finite, is_concrete
+from ntkdyn import _validate
 
 __all__ = [
     "SolverNotConverged",
@@ -85,17 +84,6 @@ def default_tol(dtype) -> float:
     from round-off; asking for less than ~eps is not attainable.
     """
     return float(jnp.finfo(dtype).eps) ** (2.0 / 3.0)
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _check_tol(tol) -> None:
-    if tol is not None and not (isinstance(tol, (int, float, np.floating)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol: expected None or a finite float > 0, got {tol!r}")
 
 
 # --------------------------------------------------------------------------- #
@@ -248,9 +236,10 @@ def solver_layer(
     """
     if not callable(cost):
         raise TypeError(f"cost: expected a callable C(x, *cost_args) -> scalar, got {cost!r}")
-    _check_tol(tol)
-    max_iter = _check_positive_int("max_iter", max_iter)
-    max_backtracks = _check_positive_int("max_backtracks", max_backtracks)
+    if tol is not None:
+        _validate.positive_scalar("tol", tol)
+    max_iter = _validate.count("max_iter", max_iter)
+    max_backtracks = _validate.count("max_backtracks", max_backtracks)
     if linear_solver not in LINEAR_SOLVERS:
         raise ValueError(f"linear_solver: expected one of {LINEAR_SOLVERS}, got {linear_solver!r}")
     if on_failure not in ON_FAILURE:
@@ -271,7 +260,7 @@ def solver_layer(
         used_tol = default_tol(p.dtype) if tol is None else tol
         if on_failure == "nan":
             return jnp.where(res.converged[:, None], res.x, jnp.nan)
-        if is_concrete(res.converged):
+        if _validate.is_concrete(res.converged):
             _raise_unless_converged(res.converged, res.iterations, res.residual, used_tol, max_iter)
         else:
             jax.debug.callback(
@@ -307,11 +296,11 @@ def solver_layer(
     solve.defvjp(solve_fwd, solve_bwd)
 
     def layer(p, *cost_args):
-        p = as_float_array("p", p)
+        p = _validate.float_array("p", p)
         if p.ndim == 0:
             raise ValueError("p: expected shape (d,) or (..., d), got a scalar")
-        if is_concrete(p):
-            check_finite("p", p)
+        if _validate.is_concrete(p):
+            _validate.finite("p", p)
         cost_args = jax.tree_util.tree_map(jnp.asarray, tuple(cost_args))
         q = solve(p.reshape(-1, p.shape[-1]), cost_args)
         return q.reshape(p.shape)
@@ -350,8 +339,8 @@ def aligned_loss(
         raise ValueError(f"layer_options: pass either layer or solver options, got both (options {sorted(layer_options)})")
 
     def loss(p, y, *cost_args):
-        p = as_float_array("p", p)
-        y = as_float_array("y", y)
+        p = _validate.float_array("p", p)
+        y = _validate.float_array("y", y)
         if p.ndim != 2 or y.shape != p.shape:
             raise ValueError(f"p, y: expected two arrays of the same shape (N, K), got {tuple(p.shape)} and {tuple(y.shape)}")
         q = layer(p, *cost_args)
@@ -369,25 +358,9 @@ def aligned_loss(
 # --------------------------------------------------------------------------- #
 
 
-def _check_spd(name: str, h) -> jax.Array:
-    h = as_float_array(name, h)
-    if h.ndim != 2 or h.shape[0] != h.shape[1]:
-        raise ValueError(f"{name}: expected a square (K, K) matrix, got shape {tuple(h.shape)}")
-    if is_concrete(h):
-        check_finite(name, h)
-        values = np.asarray(h)
-        scale = max(float(np.abs(values).max()), np.finfo(values.dtype).tiny)
-        if np.abs(values - values.T).max() > 1e3 * np.finfo(values.dtype).eps * scale:
-            raise ValueError(f"{name}: expected a symmetric positive definite matrix; it is not symmetric")
-        smallest = float(np.linalg.eigvalsh(0.5 * (values + values.T)).min())
-        if smallest <= 0:
-            raise ValueError(f"{name}: expected a positive definite matrix; smallest eigenvalue is {smallest:.3g}")
-    return h
-
-
 def quadratic_cost(h: jax.Array) -> Callable[[jax.Array], jax.Array]:
     """``C(x) = ½ xᵀ H x`` for a symmetric positive definite (K, K) H; ``q(p) = H⁻¹p``."""
-    h = _check_spd("h", h)
+    h = _validate.positive_definite("h", h)
 
     def cost(x):
         return 0.5 * jnp.dot(x, h @ x)
@@ -398,14 +371,14 @@ def quadratic_cost(h: jax.Array) -> Callable[[jax.Array], jax.Array]:
 def quadratic_metric(h: jax.Array) -> jax.Array:
     """``M = H⁻¹`` (K, K) for the quadratic cost ``½ qᵀHq``: pass as ``metric=`` to
     :func:`ntkdyn.dynamics.function_space` / ``parameter_space`` (applied per example)."""
-    h = _check_spd("h", h)
+    h = _validate.positive_definite("h", h)
     inv = jnp.linalg.inv(h)
     return 0.5 * (inv + inv.T)
 
 
 def inverse_hessian(cost: Callable[..., jax.Array], q: jax.Array, *cost_args: Any) -> jax.Array:
     """``H(q)⁻¹`` (d, d) with ``H = ∇²_x C(q, *cost_args)``: the layer's Jacobian ``∂q/∂p`` at q."""
-    q = as_float_array("q", q)
+    q = _validate.float_array("q", q)
     if q.ndim != 1:
         raise ValueError(f"q: expected a single point of shape (d,), got {tuple(q.shape)}")
     inv = jnp.linalg.inv(jax.hessian(lambda x: cost(x, *cost_args))(q))
@@ -428,7 +401,7 @@ def solver_metric(
     and the closed form with M frozen at p₀ is a local approximation.
     ``layer``/``layer_options``: as in :func:`aligned_loss`.
     """
-    p = as_float_array("p", p)
+    p = _validate.float_array("p", p)
     if p.ndim != 2:
         raise ValueError(f"p: expected shape (N, K), got {tuple(p.shape)}")
     if layer is None:

@@ -34,7 +34,7 @@ def make_params(d_in=3, width=6, k=2, seed=0):
 def _dense_matrices(flat, x, y):
     """Dense Hessian of the MSE loss and flat Jacobian (N·K, P), one compiled program."""
     unravel = ravel_pytree(make_params())[1]
-    loss = curvature.mse_loss(tanh_mlp, x, y)
+    loss = curvature.mse_objective(tanh_mlp, x, y)
     hess = jax.hessian(lambda v: loss(unravel(v)))(flat)
     jac = jax.jacrev(lambda v: tanh_mlp(unravel(v), x))(flat)
     return hess, jac.reshape(-1, flat.size)
@@ -71,7 +71,7 @@ def test_hvp_of_a_quadratic_is_the_matrix():
 def test_hvp_and_ggn_products_match_dense_matrices(problem):
     params, x, y, flat, unravel, hess, jac = problem
     v = rand(3, flat.shape)
-    loss = curvature.mse_loss(tanh_mlp, x, y)
+    loss = curvature.mse_objective(tanh_mlp, x, y)
     np.testing.assert_allclose(ravel_pytree(curvature.hvp(loss, params, unravel(v)))[0], hess @ v, rtol=1e-10, atol=1e-12)
     gn = jac.T @ jac / 10
     np.testing.assert_allclose(
@@ -137,9 +137,9 @@ def test_lanczos_through_an_invariant_subspace():
 def test_hessian_eigenvalues_match_dense_eigh(problem):
     params, x, y, flat, _, hess, _ = problem
     dense = np.sort(np.linalg.eigvalsh(np.asarray(hess)))
-    res = curvature.hessian_eigenvalues(curvature.mse_loss(tanh_mlp, x, y), params, k=3, num_iter=flat.size)
+    res = curvature.hessian_eigenvalues(curvature.mse_objective(tanh_mlp, x, y), params, k=3, num_iter=flat.size)
     np.testing.assert_allclose(res.eigenvalues, dense[::-1][:3], rtol=1e-9, atol=1e-12)
-    low = curvature.hessian_eigenvalues(curvature.mse_loss(tanh_mlp, x, y), params, k=2, which="smallest",
+    low = curvature.hessian_eigenvalues(curvature.mse_objective(tanh_mlp, x, y), params, k=2, which="smallest",
                                         num_iter=flat.size)
     np.testing.assert_allclose(low.eigenvalues, dense[:2], rtol=1e-9, atol=1e-12)
 
@@ -176,9 +176,9 @@ def test_max_learning_rate_from_either_side(problem):
     params, x, y, *_ = problem
     kernel = ntk.empirical_ntk(tanh_mlp, params, x, method="jacobian")
     from_kernel = dynamics.max_learning_rate(kernel)
-    from_curvature = curvature.max_learning_rate(tanh_mlp, params, x)
+    from_curvature = curvature.max_stable_step(tanh_mlp, params, x)
     np.testing.assert_allclose(from_curvature, from_kernel, rtol=1e-9)
-    hess_side = curvature.max_learning_rate(tanh_mlp, params, x, y, matrix="hessian", num_iter=62)
+    hess_side = curvature.max_stable_step(tanh_mlp, params, x, y, matrix="hessian", num_iter=62)
     lam = np.linalg.eigvalsh(np.asarray(problem[5])).max()
     np.testing.assert_allclose(hess_side, 2.0 / lam, rtol=1e-9)
 
@@ -188,9 +188,9 @@ def test_max_learning_rate_is_the_gd_stability_edge_of_a_linear_model():
     y = rand(1, (6, 2))
     linear = lambda w, inputs: inputs @ w  # noqa: E731
     w0 = jnp.zeros((4, 2))
-    eta = float(curvature.max_learning_rate(linear, w0, x))
-    np.testing.assert_allclose(eta, float(curvature.max_learning_rate(linear, w0, x, y, matrix="hessian")), rtol=1e-10)
-    grad = jax.jit(jax.grad(curvature.mse_loss(linear, x, y)))
+    eta = float(curvature.max_stable_step(linear, w0, x))
+    np.testing.assert_allclose(eta, float(curvature.max_stable_step(linear, w0, x, y, matrix="hessian")), rtol=1e-10)
+    grad = jax.jit(jax.grad(curvature.mse_objective(linear, x, y)))
 
     def distance_after(lr, steps=400):
         w = w0
@@ -231,7 +231,7 @@ def test_spectrum_recorder_on_snapshots(problem):
 
 
 def test_spectrum_recorder_inside_train(problem):
-    train_mod = pytest.importorskip("ntkdyn.train")
+    from ntkdyn.experiments import train as train_mod
     params, x, y, flat, *_ = problem
     record = curvature.spectrum_recorder(tanh_mlp, x, y, k=1, num_iter=flat.size, matrices=("hessian",))
     result = train_mod.train(tanh_mlp, params, x, y, steps=30, learning_rate=2.0, record_at=[0, 10, 30],
@@ -265,9 +265,9 @@ def test_bad_input(problem):
     with pytest.raises(TypeError, match="matvec"):
         curvature.lanczos("A", 4)
     with pytest.raises(ValueError, match="matrix"):
-        curvature.max_learning_rate(tanh_mlp, params, x, matrix="fisher")
+        curvature.max_stable_step(tanh_mlp, params, x, matrix="fisher")
     with pytest.raises(ValueError, match="y:"):
-        curvature.max_learning_rate(tanh_mlp, params, x, matrix="hessian")
+        curvature.max_stable_step(tanh_mlp, params, x, matrix="hessian")
     with pytest.raises(ValueError, match="y:"):
         curvature.gauss_newton_vp(tanh_mlp, params, x, params, loss=lambda f, t: jnp.sum(f))
     with pytest.raises(ValueError, match="k_train_train"):

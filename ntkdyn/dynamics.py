@@ -37,11 +37,11 @@ import numpy as np
 from flax import struct
 
 from ntkdyn import _validate, spectral
+from ntkdyn.kernels.layout import flatten_kernel
 from ntkdyn.spectral import Spectrum
 
 __all__ = [
     "UnstableLearningRateWarning",
-    "flatten_kernel",
     "function_space",
     "parameter_space",
     "max_learning_rate",
@@ -53,12 +53,6 @@ __all__ = [
 
 class UnstableLearningRateWarning(UserWarning):
     """Discrete-time descent with a step above ``2(1 + β)n/λ_max`` diverges."""
-
-
-def flatten_kernel(k: jax.Array) -> jax.Array:
-    """(N1, N2, K, K) → (N1·K, N2·K), rows/cols in row-major (N, K) order."""
-    n1, n2, k1, k2 = k.shape
-    return k.transpose(0, 2, 1, 3).reshape(n1 * k1, n2 * k2)
 
 
 # --------------------------------------------------------------------------- #

@@ -396,7 +396,7 @@ def solver_metric(
 
     The metric of the aligned loss's linearized flow ``ṗ = −(η/n) Θ M (p − y)``
     around p (rows/cols in the (N, K) row-major order of
-    :func:`ntkdyn.dynamics.flatten_kernel`). Constant, equal to
+    :func:`ntkdyn.kernels.flatten_kernel`). Constant, equal to
     ``I_N ⊗ H⁻¹``, for a quadratic cost; for other costs M changes as p moves,
     and the closed form with M frozen at p₀ is a local approximation.
     ``layer``/``layer_options``: as in :func:`aligned_loss`.

@@ -1,6 +1,6 @@
 """Curvature of the training loss: Hessian, Gauss-Newton, and their tie to the NTK.
 
-Loss convention (DESIGN.md): ``L(θ) = 1/(2n) ‖f(θ, X) − Y‖²``, n = N·K. Then
+Loss convention (docs/conventions.md): ``L(θ) = 1/(2n) ‖f(θ, X) − Y‖²``, n = N·K. Then
 
 * Hessian: ``H = ∇²L = Jᵀ J / n + (1/n) Σ_a (f_a − y_a) ∇²f_a``;
 * Gauss-Newton (GGN): ``G = Jᵀ H_L J`` with ``H_L = ∇²_f ℓ`` the Hessian of

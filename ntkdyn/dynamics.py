@@ -1,6 +1,6 @@
 """Closed-form linearized gradient-descent dynamics (Lee et al. 2019).
 
-Conventions (DESIGN.md): N training inputs, K outputs, ``n = N·K``, loss
+Conventions (docs/conventions.md): N training inputs, K outputs, ``n = N·K``, loss
 ``L = 1/(2n)‖f − Y‖²``, learning rate η, time t in steps (continuous time is
 gradient flow on the same clock). With ``r₀ = f₀(X) − Y`` and the kernel
 ``Θ = Θ(X, X)`` (+ reg·I):

@@ -39,6 +39,7 @@ from ntkdyn import _validate
 __all__ = [
     "ACTIVATIONS",
     "PARAMETERIZATIONS",
+    "READOUTS",
     "Model",
     "as_model",
     "as_apply_fn",
@@ -67,6 +68,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 PARAMETERIZATIONS = ("ntk", "standard")
+
+READOUTS = ("flatten", "gap")
 
 
 # --------------------------------------------------------------------------- #
@@ -209,6 +212,10 @@ class NTKDense(nnx.Module):
                 f"in_features/out_features: expected positive sizes, got {in_features}, {out_features}"
             )
         dtype = dtype or jnp.result_type(float)
+        # the architecture, kept static for the analytic kernels (ntkdyn.infinite)
+        self.parameterization = parameterization
+        self.sigma_w = float(sigma_w)
+        self.sigma_b = None if sigma_b is None else float(sigma_b)
         w_std, b_std, self.w_mult, self.b_mult = _init_scales(
             parameterization, in_features, sigma_w, sigma_b or 0.0
         )
@@ -249,8 +256,12 @@ class NTKConv(nnx.Module):
     ):
         _validate.choice("parameterization", parameterization, PARAMETERIZATIONS)
         ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.kernel_size = ks
         self.strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
-        self.padding = padding
+        self.padding = padding if isinstance(padding, str) else tuple(tuple(int(p) for p in pair) for pair in padding)
+        self.parameterization = parameterization
+        self.sigma_w = float(sigma_w)
+        self.sigma_b = None if sigma_b is None else float(sigma_b)
         dtype = dtype or jnp.result_type(float)
         fan_in = ks[0] * ks[1] * in_channels
         w_std, b_std, self.w_mult, self.b_mult = _init_scales(
@@ -310,6 +321,8 @@ class MLP(nnx.Module):
             raise ValueError(f"depth: expected an integer >= 0, got {depth!r}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.activation = activation
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.width, self.depth = int(width), int(depth)
         kw = dict(parameterization=parameterization, sigma_w=sigma_w, sigma_b=sigma_b, rngs=rngs, dtype=dtype)
         sizes = [in_features] + [width] * depth
         self.hidden = nnx.List([NTKDense(a, b, **kw) for a, b in zip(sizes[:-1], sizes[1:])])
@@ -323,10 +336,12 @@ class MLP(nnx.Module):
 
 
 class CNN(nnx.Module):
-    """Convolutions then a dense readout on the flattened feature map.
+    """Convolutions then a dense readout on the feature map.
 
     ``x (N, H, W, C) -> (N, out_features)``. ``input_shape=(H, W, C)`` fixes
-    the readout's fan-in.
+    the readout's fan-in. ``readout="flatten"`` (default) reads the flattened
+    feature map (fan-in ``H'·W'·C``); ``readout="gap"`` reads its global average
+    over the spatial positions (fan-in ``C``).
     """
 
     def __init__(
@@ -342,14 +357,19 @@ class CNN(nnx.Module):
         parameterization: str = "ntk",
         sigma_w: float = 1.5,
         sigma_b: float | None = 0.05,
+        readout: str = "flatten",
         rngs: nnx.Rngs | None = None,
         dtype=None,
     ):
         _validate.choice("activation", activation, ACTIVATIONS)
+        _validate.choice("readout", readout, READOUTS)
         if len(input_shape) != 3:
             raise ValueError(f"input_shape: expected (H, W, C), got {tuple(input_shape)}")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.activation = activation
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.out_features = int(out_features)
+        self.readout_kind = readout
         kw = dict(parameterization=parameterization, sigma_w=sigma_w, sigma_b=sigma_b, rngs=rngs, dtype=dtype)
         convs = []
         c_in = input_shape[2]
@@ -364,6 +384,8 @@ class CNN(nnx.Module):
         act = ACTIVATIONS[self.activation]
         for conv in self.convs:
             x = act(conv(x))
+        if self.readout_kind == "gap":
+            return jnp.mean(x, axis=(1, 2))
         return x.reshape(x.shape[0], -1)
 
     def __call__(self, x):

@@ -2,7 +2,7 @@
 
 import sys
 
-from ntkdyn.cli import main
+from ntkdyn.experiments.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

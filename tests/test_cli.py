@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ntkdyn.cli import main
-from ntkdyn.sweep import RESULTS_FILE, load_results
+from ntkdyn.experiments.cli import main
+from ntkdyn.experiments.sweep import LOCK_FILE, RESULTS_FILE, load_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--widths", "4", "16", "--samples", "4", "--seeds", "0", "--steps", "20", "--n-test", "4",
@@ -25,7 +25,7 @@ def test_sweep_then_report_rerenders_from_results(tmp_path, capsys):
     assert {RESULTS_FILE, "summary.csv", "slopes.csv", "report.md", "breakdown.png", "training_curves.png",
             "discrepancy_vs_width.png"} <= produced
 
-    for name in produced - {RESULTS_FILE}:
+    for name in produced - {RESULTS_FILE, LOCK_FILE}:
         (out / name).unlink()
     assert main(["report", str(out)]) == 0
     assert {p.name for p in out.iterdir()} >= produced
@@ -58,26 +58,37 @@ def test_compare_above_the_limit_says_so(capsys):
     [
         (["--widths", "0"], "widths"),
         (["--activation", "swish"], "activations"),
-        (["--samples"], None),  # argparse: needs at least one value
+        (["--samples"], "--samples: expected at least one argument"),  # argparse's own errors too
         (["--lr", "-1"], "learning_rates"),
+        (["--steps", "x"], "--steps: invalid int value"),
+        (["--momentum", "1.5"], "momentum"),
+        (["--dataset", "mnist"], "dataset"),
     ],
 )
-def test_bad_sweep_configuration_exits_before_work(tmp_path, capsys, args, match):
+def test_bad_sweep_configuration_is_one_line_and_exits_2_before_work(tmp_path, capsys, args, match):
     out = tmp_path / "never"
-    if match is None:
-        with pytest.raises(SystemExit):
-            main(["sweep", *args, "--out", str(out)])
-    else:
-        assert main(["sweep", *args, "--out", str(out)]) == 2
-        assert match in capsys.readouterr().err
+    assert main(["sweep", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ntkdyn sweep: error: ") and match in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["frobnicate"], ["report"], ["compare", "--width", "0"], ["compare", "--samples", "0"],
+     ["report", "/nonexistent/folder"]],
+)
+def test_every_user_error_is_one_line_without_traceback(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ": error: " in err[0] and "Traceback" not in err[0]
 
 
 def test_unwritable_out_and_missing_results(tmp_path, capsys):
     blocker = tmp_path / "f"
     blocker.write_text("x")
     assert main(["sweep", *TINY, "--out", str(blocker)]) == 2
-    assert "out" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("ntkdyn sweep: error: out:")
     assert main(["report", str(tmp_path)]) == 2
     assert "results.jsonl" in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""Real training (ntkdyn.train) against hand-written oracles, float64 unless stated.
+"""Real training (ntkdyn.experiments.train) against hand-written oracles, float64 unless stated.
 
 Oracles: plain NumPy loops of full-batch GD, shuffled minibatch SGD and
 heavy-ball momentum on a linear model, whose gradient ``Xᵀ(XW + b − Y)/n``
@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ntkdyn.train import TrainResult, default_record_steps, mse_loss, train
+from ntkdyn import models
+from ntkdyn.experiments.train import TrainResult, default_record_steps, mse_loss, train
 
 
 def linear_apply(params, x):
@@ -160,25 +161,80 @@ def test_divergent_training_returns_non_finite_values_without_raising():
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    "kwargs,error,match",
     [
-        (dict(steps=-1, learning_rate=0.1), "steps"),
-        (dict(steps=1.5, learning_rate=0.1), "steps"),
-        (dict(steps=5, learning_rate=0.0), "learning_rate"),
-        (dict(steps=5, learning_rate=math.nan), "learning_rate"),
-        (dict(steps=5, learning_rate=None), "learning_rate"),
-        (dict(steps=5, learning_rate=0.1, batch_size=10), "batch_size"),
-        (dict(steps=5, learning_rate=0.1, batch_size=0), "batch_size"),
-        (dict(steps=5, learning_rate=0.1, record_at=[0, 6]), "record_at"),
-        (dict(steps=5, learning_rate=0.1, record_at=[]), "record_at"),
-        (dict(steps=5, learning_rate=0.1, record_at=[0.5]), "record_at"),
-        (dict(steps=5, learning_rate=0.1, seed=-1), "seed"),
+        (dict(steps=-1, learning_rate=0.1), ValueError, "^steps"),
+        (dict(steps=1.5, learning_rate=0.1), TypeError, "^steps"),
+        (dict(steps=5, learning_rate=0.0), ValueError, "^learning_rate"),
+        (dict(steps=5, learning_rate=math.nan), ValueError, "^learning_rate"),
+        (dict(steps=5, learning_rate=jnp.float32(-0.1)), ValueError, "^learning_rate"),
+        (dict(steps=5, learning_rate=None), ValueError, "^learning_rate"),
+        (dict(steps=5, learning_rate="0.1"), TypeError, "^learning_rate"),
+        (dict(steps=5, learning_rate=0.1, batch_size=10), ValueError, "^batch_size"),
+        (dict(steps=5, learning_rate=0.1, batch_size=0), ValueError, "^batch_size"),
+        (dict(steps=5, learning_rate=0.1, record_at=[0, 6]), ValueError, "^record_at"),
+        (dict(steps=5, learning_rate=0.1, record_at=[]), ValueError, "^record_at"),
+        (dict(steps=5, learning_rate=0.1, record_at=[0.5]), ValueError, "^record_at"),
+        (dict(steps=5, learning_rate=0.1, seed=-1), ValueError, "^seed"),
     ],
 )
-def test_bad_arguments_name_the_argument(kwargs, match):
+def test_bad_arguments_name_the_argument(kwargs, error, match):
     params, x, y, _ = problem()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         train(linear_apply, params, x, y, **kwargs)
+
+
+@pytest.mark.parametrize("lr", [jnp.float32(0.4), np.float64(0.4), jnp.asarray(0.4), np.int64(1)])
+def test_numpy_and_jax_scalar_learning_rates_are_accepted(lr):
+    """issue 13 item 7: the same answer as the Python float (optax gets a float)."""
+    params, x, y, _ = problem()
+    ref = train(linear_apply, params, x, y, steps=6, learning_rate=float(lr), record_at=[0, 6])
+    got = train(linear_apply, params, x, y, steps=6, learning_rate=lr, record_at=[0, 6])
+    np.testing.assert_array_equal(got.loss, ref.loss)
+
+
+def test_nan_in_params_or_data_is_an_error_naming_it():
+    params, x, y, xt = problem()
+    bad = {**params, "b": params["b"].copy()}
+    bad["b"][0] = np.nan
+    with pytest.raises(ValueError, match="^params0: expected finite values"):
+        train(linear_apply, bad, x, y, steps=2, learning_rate=0.1)
+    with pytest.raises(ValueError, match="^y_train: expected finite values"):
+        train(linear_apply, params, x, np.where(np.eye(9, 2) > 0, np.nan, y), steps=2, learning_rate=0.1)
+    with pytest.raises(ValueError, match="^x_test: expected finite values"):
+        train(linear_apply, params, x, y, steps=2, learning_rate=0.1, x_test=np.full_like(xt, np.inf))
+
+
+class CompileCounter:
+    """Counts XLA compilations (jax.monitoring events) inside a ``with`` block."""
+
+    def __enter__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def test_two_modules_of_one_architecture_share_one_compilation():
+    """The model is a traced pytree: another seed, rate, data of the same shape or record list reuse the loop."""
+    f1, p1 = models.mlp(3, 2, width=8, depth=1, seed=0)
+    f2, p2 = models.mlp(3, 2, width=8, depth=1, seed=1)
+    assert f1 is not f2
+    _, x, y, xt = problem()
+    record_fn = lambda p: jnp.sum(p["readout"]["kernel"][...] ** 2)  # noqa: E731
+    first = train(f1, p1, x, y, steps=4, learning_rate=0.1, x_test=xt, record_at=[0, 4], record_fn=record_fn)
+    with CompileCounter() as compiles:
+        second = train(f2, p2, 2 * x, y, steps=4, learning_rate=jnp.float32(0.2), x_test=xt, record_at=[1, 3],
+                       record_fn=record_fn)
+        train(f1, p1, x, y, steps=4, learning_rate=0.3, x_test=xt, record_at=[0, 2], record_fn=record_fn)
+    assert compiles.count == 0
+    assert not np.allclose(first.loss, second.loss)
 
 
 def test_bad_shapes_and_types():

@@ -8,19 +8,26 @@
 
 ``sweep`` runs (or resumes) a width × N × seed grid of real-vs-linearized
 comparisons, appending each point to ``DIR/results.jsonl``, then writes
-``summary.csv``, ``slopes.csv``, PNG figures and ``report.md``. ``report``
-re-renders those from ``results.jsonl`` alone. ``compare`` runs one
+``summary.csv``, ``slopes.csv``, PNG figures and ``report.md``. Another sweep
+on the same ``DIR`` waits for the first (``--no-wait``: refuse instead).
+``report`` re-renders those from ``results.jsonl`` alone. ``compare`` runs one
 configuration and prints its step-by-step table.
+
+Every user error (a bad option or value, an unusable folder, a disk that
+fills up) is one line on stderr and exit status 2; failed points give 1,
+Ctrl-C gives 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
+import warnings
 from typing import Sequence
 
-from ntkdyn.sweep import SweepGrid
+from ntkdyn.experiments.sweep import ResultsLocked, SweepGrid
 
 __all__ = ["main", "build_parser"]
 
@@ -56,8 +63,17 @@ def _model_args(p: argparse.ArgumentParser, *, many: bool) -> None:
     p.add_argument("--x64", action="store_true", help="run in float64 (enables jax_enable_x64)")
 
 
+class _UsageError(Exception):
+    """An argparse error, reported by :func:`main` as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage and exits; we want one line and exit status 2
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ntkdyn",
         description="Predict neural-network training from the NTK and measure where the prediction breaks.",
     )
@@ -71,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", default="ntkdyn-results", help="results folder (resumes if it has results)")
     sw.add_argument("--no-report", action="store_true", help="only run points; skip summary.csv/figures/report.md")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw.add_argument("--no-wait", action="store_true",
+                    help="if another sweep is using --out, stop with an error instead of waiting for it")
 
     rp = sub.add_parser("report", help="re-render summary.csv, figures and report.md from DIR/results.jsonl")
     rp.add_argument("dir")
@@ -118,7 +136,7 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], out=None)
 
 def _print_slopes(records, out=None) -> None:
     out = out or sys.stdout
-    from ntkdyn.report import slope_table
+    from ntkdyn.experiments.report import slope_table
 
     rows = [s for s in slope_table(records, metrics=("test_gap", "train_gap", "kernel_drift"))]
     if not rows:
@@ -139,20 +157,44 @@ def _enable_x64(args) -> None:
         jax.config.update("jax_enable_x64", True)
 
 
+def _warnings_to_stderr(command: str):
+    """Report warnings raised inside the block as one line each on stderr."""
+
+    @contextlib.contextmanager
+    def block():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                for w in caught:
+                    print(f"ntkdyn {command}: warning: {_one_line(str(w.message))}", file=sys.stderr)
+
+    return block()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _cmd_sweep(args) -> int:
-    from ntkdyn.report import write_report
-    from ntkdyn.sweep import prepare_output, sweep
+    from ntkdyn.experiments.report import write_report
+    from ntkdyn.experiments.sweep import prepare_output, sweep
 
     _enable_x64(args)
     grid = _grid(args, widths=args.widths, samples=args.samples, seeds=args.seeds, one=False).validate()
     prepare_output(args.out)  # fail before any work on an unwritable folder
     total = len(grid.points())
     print(f"ntkdyn sweep: {total} points -> {args.out}/results.jsonl", file=sys.stderr)
-    outcome = sweep(grid, args.out, progress=not args.quiet)
+    outcome = sweep(grid, args.out, progress=not args.quiet, wait=not args.no_wait)
     print(f"ran {outcome.ran}, skipped {outcome.skipped} already finished, failed {len(outcome.failed)}")
     for config, error in outcome.failed:
-        print(f"  failed: width={config['width']} N={config['n_train']} seed={config['seed']}: {error}",
+        print(f"  failed: width={config['width']} N={config['n_train']} seed={config['seed']}: {_one_line(error)}",
               file=sys.stderr)
+    if outcome.left_out:
+        parts = ", ".join(f"{n} {kind}" for kind, n in outcome.left_out.items())
+        print(f"ntkdyn sweep: warning: {args.out}/results.jsonl has lines that were not counted ({parts}); "
+              "see `ntkdyn report`", file=sys.stderr)
     if not args.no_report and outcome.records:
         written = write_report(args.out, outcome.records)
         _print_slopes(outcome.records)
@@ -161,27 +203,25 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from ntkdyn.report import write_report
-    from ntkdyn.sweep import load_results
+    from ntkdyn.experiments.report import write_report
 
     written = write_report(args.dir)
-    _print_slopes(load_results(args.dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # write_report has reported the left-out lines once
+        from ntkdyn.experiments.sweep import load_results
+
+        _print_slopes(load_results(args.dir))
     print(f"\nwrote {', '.join(sorted(p.name for p in written.values()))} in {args.dir}")
     return 0
 
 
 def _cmd_compare(args) -> int:
-    import warnings
-
-    from ntkdyn.dynamics import UnstableLearningRateWarning
-    from ntkdyn.sweep import run_point
+    from ntkdyn.experiments.sweep import run_point
 
     _enable_x64(args)
     grid = _grid(args, widths=(args.width,), samples=(args.samples,), seeds=(args.seed,), one=True)
     (config,) = grid.validate().points()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnstableLearningRateWarning)
-        rec = run_point(config)
+    rec = run_point(config)
     m, c = rec["metrics"], rec["curves"]
     print(f"width={config['width']} depth={config['depth']} {config['activation']} {config['parameterization']}, "
           f"{config['dataset']} N={config['n_train']} (test {config['n_test']}), seed {config['seed']}, "
@@ -214,15 +254,29 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _error_text(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror}{where}"
+    return _one_line(str(err)) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ntkdyn`` console script (and ``python -m ntkdyn``)."""
+    """Entry point of the ``ntkdyn`` console script (and ``python -m ntkdyn``); returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except SystemExit as done:  # --help, --version
+        return done.code if isinstance(done.code, int) else 0
     commands = {"sweep": _cmd_sweep, "report": _cmd_report, "compare": _cmd_compare}
     try:
-        return commands[args.command](args)
-    except ValueError as err:
-        print(f"ntkdyn {args.command}: error: {err}", file=sys.stderr)
+        with _warnings_to_stderr(args.command):
+            return commands[args.command](args)
+    except (ValueError, TypeError, ResultsLocked, OSError) as err:
+        print(f"ntkdyn {args.command}: error: {_error_text(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         where = getattr(args, "out", None)

@@ -9,7 +9,9 @@
   ``e_c − 1/K`` (Lee et al. 2019 regress on centered one-hot labels too).
 
 Every loader returns a :class:`Dataset` with a train/test split chosen by
-``seed``; the same arguments always give the same arrays.
+``seed``; the same arguments always give the same arrays. A new data source is
+one function ``loader(n_train, n_test, *, seed, dtype, **options) -> Dataset``
+added to :data:`DATASETS`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from ntkdyn import _validate
 
 __all__ = ["Dataset", "synthetic_regression", "digits", "load_dataset", "DATASETS"]
 
@@ -42,18 +46,6 @@ class Dataset:
     @property
     def in_features(self) -> int:
         return int(self.x_train.shape[1])
-
-
-def _check_count(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
-    return int(seed)
 
 
 def _dtype(dtype):
@@ -89,14 +81,13 @@ def synthetic_regression(
       ``x_test`` (n_test, d), ``y_test`` (n_test, K), in ``dtype`` (default:
       JAX's default float).
     """
-    n_train = _check_count("n_train", n_train, 1)
-    n_test = _check_count("n_test", n_test, 1)
-    d = _check_count("in_features", in_features, 1)
-    k = _check_count("out_features", out_features, 1)
-    terms = _check_count("num_terms", num_terms, 1)
-    if not (isinstance(noise, (int, float, np.floating)) and math.isfinite(noise) and noise >= 0):
-        raise ValueError(f"noise: expected a finite float >= 0, got {noise!r}")
-    seed = _check_seed(seed)
+    n_train = _validate.count("n_train", n_train, 1)
+    n_test = _validate.count("n_test", n_test, 1)
+    d = _validate.count("in_features", in_features, 1)
+    k = _validate.count("out_features", out_features, 1)
+    terms = _validate.count("num_terms", num_terms, 1)
+    noise = float(_validate.nonnegative_scalar("noise", noise))
+    seed = _validate.count("seed", seed, 0)
     # separate streams: the task (teacher, test set, target scale) is the same
     # for every n_train, and training sets are nested prefixes of each other
     teacher = np.random.default_rng([seed, 0])
@@ -149,9 +140,9 @@ def digits(
     Returns:
       :class:`Dataset`: ``x_*`` (n, 64), ``y_*`` (n, num_classes).
     """
-    n_train = _check_count("n_train", n_train, 1)
-    n_test = _check_count("n_test", n_test, 1)
-    num_classes = _check_count("num_classes", num_classes, 2)
+    n_train = _validate.count("n_train", n_train, 1)
+    n_test = _validate.count("n_test", n_test, 1)
+    num_classes = _validate.count("num_classes", num_classes, 2)
     if num_classes > 10:
         raise ValueError(f"num_classes: expected an integer in [2, 10], got {num_classes}")
     try:
@@ -167,7 +158,7 @@ def digits(
         )
     # test images first, so the test set is the same for every n_train and
     # training sets are nested
-    order = np.random.default_rng(_check_seed(seed)).permutation(x_all.shape[0])[: n_test + n_train]
+    order = np.random.default_rng(_validate.count("seed", seed, 0)).permutation(x_all.shape[0])[: n_test + n_train]
     x = x_all[order].astype(np.float64)
     train = slice(n_test, n_test + n_train)
     mean = x[train].mean(axis=0)
@@ -192,6 +183,5 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 
 def load_dataset(name: str, n_train: int, n_test: int, *, seed: int = 0, dtype=None, **options) -> Dataset:
     """Build the data set ``name`` (one of :data:`DATASETS`) with the given split sizes."""
-    if name not in DATASETS:
-        raise ValueError(f"dataset: expected one of {sorted(DATASETS)}, got {name!r}")
+    _validate.choice("dataset", name, DATASETS)
     return DATASETS[name](n_train, n_test, seed=seed, dtype=dtype, **options)

@@ -12,20 +12,31 @@
   ``learning_rate.png`` when the sweep has several learning rates (final
   losses and discrepancy against ``η / η_max``, ``η_max = 2(1+β)n/λ_max``).
 * ``report.md`` embedding them.
+
+The files are rendered into a temporary folder inside ``out`` and then moved
+into place, ``report.md`` last. While they are moved, ``report.stale`` marks
+the folder (a kill in between leaves that marker: re-run ``ntkdyn report``);
+an error while rendering (disk full, a read-only file) leaves the previous
+report untouched, and ``results.jsonl`` is only ever read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import math
 import os
+import shutil
+import stat
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from ntkdyn.sweep import RESULTS_FILE, load_results
+from ntkdyn.experiments.sweep import RESULTS_FILE, load_results
 
 __all__ = [
     "SLOPE_METRICS",
@@ -33,6 +44,8 @@ __all__ = [
     "slope_table",
     "write_report",
     "breakdown_threshold",
+    "STALE_MARKER",
+    "width_n_rows",
 ]
 
 SLOPE_METRICS = ("test_gap", "train_gap", "kernel_drift", "weight_gap", "eq8_test_gap")
@@ -46,6 +59,7 @@ _LABELS = {
 _SERIES_EXCLUDE = ("width", "seed")
 # a test discrepancy above this is where we call the linear prediction broken
 breakdown_threshold = 0.1
+STALE_MARKER = "report.stale"
 
 
 # --------------------------------------------------------------------------- #
@@ -258,7 +272,24 @@ def _plot_vs_width(recs: list[dict], slopes: list[dict], path: Path, title: str)
     _save(fig, path)
 
 
-def _plot_breakdown(recs: list[dict], path: Path, title: str) -> None:
+_DIVERGED_FACE = (0.85, 0.85, 0.85, 1.0)  # light grey cells: the linearized model diverged
+_EMPTY_FACE = (1.0, 1.0, 1.0, 1.0)  # masked cells show the white axes
+
+
+def _luminance(rgba) -> float:
+    """WCAG relative luminance of an sRGB colour."""
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgba[:3]]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def _text_color(face) -> str:
+    """Black or white, whichever contrasts more with ``face`` (WCAG contrast ratio)."""
+    lum = _luminance(face)
+    return "black" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "white"
+
+
+def _breakdown_grid(recs: list[dict]):
+    """``(widths, samples, median test gap (N × width), all-diverged mask)``; NaN where no point."""
     widths = sorted({r["config"]["width"] for r in recs})
     samples = sorted({r["config"]["n_train"] for r in recs})
     grid = np.full((len(samples), len(widths)), np.nan)
@@ -272,35 +303,67 @@ def _plot_breakdown(recs: list[dict], path: Path, title: str) -> None:
                     diverged[i, j] = True
                 else:
                     grid[i, j] = float(np.median(np.where(np.isfinite(vals), vals, np.inf)))
-    fig = _figure(2.4 + 1.1 * len(widths), 1.8 + 0.7 * len(samples))
-    ax = fig.add_subplot(1, 1, 1)
-    shown = np.log10(np.where(np.isfinite(grid) & (grid > 0), grid, np.nan))
+    return widths, samples, grid, diverged
+
+
+def _color_range(grid: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``(log10 of the positive finite cells, NaN elsewhere; vmin; vmax)``, the threshold always inside."""
+    shown = np.full(grid.shape, np.nan)
+    ok = np.isfinite(grid) & (grid > 0)
+    shown[ok] = np.log10(grid[ok])
     finite = shown[np.isfinite(shown)]
     vmin, vmax = (finite.min(), finite.max()) if finite.size else (-3, 0)
     vmin, vmax = min(vmin, math.log10(breakdown_threshold) - 1), max(vmax, math.log10(breakdown_threshold))
-    im = ax.imshow(np.ma.masked_invalid(shown), cmap="magma_r", vmin=vmin, vmax=vmax, aspect="auto", origin="lower")
-    for i in range(len(samples)):
-        for j in range(len(widths)):
-            if diverged[i, j]:
-                text, weight = "lin. diverged", "bold"
-            elif np.isfinite(grid[i, j]):
-                text = f"{grid[i, j]:.2g}" if np.isfinite(grid[i, j]) and grid[i, j] < 1e6 else "inf"
-                weight = "bold" if grid[i, j] >= breakdown_threshold else "normal"
-            else:
-                continue
-            val = shown[i, j]
-            dark = np.isfinite(val) and (val - vmin) / max(vmax - vmin, 1e-12) > 0.6
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, weight=weight,
-                    color="white" if dark or diverged[i, j] else "black")
+    return shown, float(vmin), float(vmax)
+
+
+def _cell_styles(grid: np.ndarray, diverged: np.ndarray, cmap) -> list[dict]:
+    """Label, weight, face colour and a contrasting text colour of every labelled heat-map cell."""
+    shown, vmin, vmax = _color_range(grid)
+    cells = []
+    for (i, j), value in np.ndenumerate(grid):
+        if diverged[i, j]:
+            text, weight, face = "lin. diverged", "bold", _DIVERGED_FACE
+        elif np.isnan(value):
+            continue
+        else:
+            text = "inf" if np.isinf(value) else f"{value:.2g}"
+            weight = "bold" if value >= breakdown_threshold else "normal"
+            face = (tuple(cmap((shown[i, j] - vmin) / max(vmax - vmin, 1e-12))) if np.isfinite(shown[i, j])
+                    else _EMPTY_FACE)
+        cells.append({"row": i, "col": j, "text": text, "weight": weight, "face": face, "color": _text_color(face)})
+    return cells
+
+
+def _breakdown_figure(recs: list[dict], title: str):
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    widths, samples, grid, diverged = _breakdown_grid(recs)
+    shown, vmin, vmax = _color_range(grid)
+    cmap = colormaps["magma_r"]
+    fig = _figure(2.4 + 1.1 * len(widths), 1.8 + 0.7 * len(samples))
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", origin="lower")
+    if diverged.any():
+        ax.imshow(np.ma.masked_where(~diverged, np.ones(grid.shape)), cmap=ListedColormap([_DIVERGED_FACE]),
+                  vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
+    for cell in _cell_styles(grid, diverged, cmap):
+        ax.text(cell["col"], cell["row"], cell["text"], ha="center", va="center", fontsize=8,
+                weight=cell["weight"], color=cell["color"])
     ax.set_xticks(range(len(widths)), [str(w) for w in widths])
     ax.set_yticks(range(len(samples)), [str(n) for n in samples])
     ax.set_xlabel("width")
     ax.set_ylabel("training-set size N")
     cbar = fig.colorbar(im, ax=ax)
     cbar.set_label("log10 test discrepancy\n(median over seeds)", fontsize=8)
-    ax.set_title(f"where linearization breaks (bold: ≥ {breakdown_threshold:g})" + (f"\n{title}" if title else ""),
-                 fontsize=9)
-    _save(fig, path)
+    ax.set_title(f"where linearization breaks (bold: ≥ {breakdown_threshold:g}; grey: linearized model diverged)"
+                 + (f"\n{title}" if title else ""), fontsize=9)
+    return fig
+
+
+def _plot_breakdown(recs: list[dict], path: Path, title: str) -> None:
+    _save(_breakdown_figure(recs, title), path)
 
 
 def _plot_curves(records: Sequence[dict], path: Path) -> dict | None:
@@ -419,17 +482,76 @@ def write_report(out: str | os.PathLike, records: Sequence[dict] | None = None) 
     """Write ``summary.csv``, ``slopes.csv``, the figures and ``report.md`` into ``out``.
 
     ``records`` default to ``<out>/results.jsonl`` (so ``ntkdyn report DIR``
-    needs nothing else). Returns the written paths by name. Raises
-    ValueError when there are no results.
+    needs nothing else; unusable lines are left out with one
+    :class:`~ntkdyn.experiments.sweep.ResultsWarning`). The files are rendered
+    in a temporary folder and moved in (module docstring). Returns the written
+    paths by name.
+
+    Raises:
+      ValueError: no results, or ``results.jsonl`` is not a file.
+      OSError: the folder or an existing report file is read-only (its write
+        bits are off), the disk is full, ...; the old report and
+        ``results.jsonl`` are left as they were.
     """
+    if str(out).strip() == "":
+        raise ValueError(f"out: expected a folder path, got {str(out)!r}")
     out = Path(out)
     if records is None:
-        if not (out / RESULTS_FILE).exists():
+        path = out / RESULTS_FILE
+        if path.is_dir():
+            raise ValueError(f"out: {str(path)!r} is a folder, expected the results file")
+        if not path.exists():
             raise ValueError(f"out: no {RESULTS_FILE} in {str(out)!r}; run `ntkdyn sweep --out {out}` first")
         records = load_results(out)
     records = list(records)
     if not records:
         raise ValueError(f"out: {str(out / RESULTS_FILE)!r} holds no finished points")
+    for path in (out, out / "summary.csv", out / "slopes.csv", out / "report.md"):
+        _check_writable(path)  # fail before rendering; the figures are checked once their names are known
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".report-"))
+    try:
+        names = _render(stage, records)
+        for name in names:
+            _check_writable(out / name)
+        _install(stage, out, names)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return {name: out / name for name in names}
+
+
+def _check_writable(path: Path) -> None:
+    """PermissionError when an existing ``path`` is read-only: no write permission, or all write bits off.
+
+    The mode bits are honoured even for root, so a report file or folder a
+    user marked read-only is never replaced.
+    """
+    if not path.exists():
+        return
+    if not os.access(path, os.W_OK) or not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        what = "folder" if path.is_dir() else "report file"
+        raise PermissionError(errno.EACCES, f"the {what} is read-only; not replacing the report", str(path))
+
+
+def _install(stage: Path, out: Path, names: list[str]) -> None:
+    """Move the staged files into ``out`` (``report.md`` last) under a ``report.stale`` marker."""
+    marker = out / STALE_MARKER
+    marker.write_text(
+        "The report in this folder is being replaced. If this file is still here, that was interrupted and\n"
+        f"the files may mix two versions: run `ntkdyn report {out}` to render it again.\n"
+    )
+    for name in sorted(names, key=lambda n: n == "report.md"):
+        os.replace(stage / name, out / name)
+    with contextlib.suppress(OSError):
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    marker.unlink()
+
+
+def _render(out: Path, records: list[dict]) -> list[str]:
+    """Write every report file into ``out``; returns their names."""
     written: dict[str, Path] = {}
 
     rows = summary_rows(records)
@@ -534,7 +656,7 @@ def write_report(out: str | os.PathLike, records: Sequence[dict] | None = None) 
             if cons.size else "No converging points to check."), ""]
     (out / "report.md").write_text("\n".join(md))
     written["report.md"] = out / "report.md"
-    return written
+    return list(written)
 
 
 def _setup_text(records: Sequence[dict], varying: set[str]) -> str:
@@ -556,21 +678,31 @@ def _value_key(v):
     return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
 
 
-def _width_n_table(records: Sequence[dict]) -> list[str]:
+def width_n_rows(records: Sequence[dict]) -> list[dict]:
+    """One row per (N, width): medians over its points (every seed and setting), ``seeds`` = distinct seeds."""
     cells: dict[tuple[int, int], list[dict]] = defaultdict(list)
     for r in records:
-        cells[(r["config"]["n_train"], r["config"]["width"])].append(r["metrics"])
+        cells[(r["config"]["n_train"], r["config"]["width"])].append(r)
     rows = []
-    for (n, w), ms in sorted(cells.items()):
+    for (n, w), recs in sorted(cells.items()):
+        ms = [r["metrics"] for r in recs]
+
         def med(name):
             v = np.array([float(m.get(name, np.nan)) for m in ms])
             v = np.where(np.isnan(v), np.inf, v)
             return float(np.median(v))
 
         rows.append({
-            "N": n, "width": w, "seeds": len(ms), "test gap": med("test_gap"), "train gap": med("train_gap"),
+            "N": n, "width": w, "seeds": len({r["config"]["seed"] for r in recs}), "points": len(recs),
+            "test gap": med("test_gap"), "train gap": med("train_gap"),
             "kernel drift": med("kernel_drift"), "weight gap": med("weight_gap"),
-            "f(θ^lin) gap": med("eq8_test_gap"), "f_lin(θ^lin) vs Eq.9/10": max(float(m.get("lin_consistency", np.nan)) for m in ms),
+            "f(θ^lin) gap": med("eq8_test_gap"),
+            "f_lin(θ^lin) vs Eq.9/10": max(float(m.get("lin_consistency", np.nan)) for m in ms),
         })
-    return ["Medians over seeds (all points, every learning rate):", "",
+    return rows
+
+
+def _width_n_table(records: Sequence[dict]) -> list[str]:
+    rows = width_n_rows(records)
+    return ["Medians over all points of each cell (every seed and learning rate):", "",
             _md_table(rows, list(rows[0].keys())) if rows else "", ""]

@@ -1,0 +1,46 @@
+"""The experiment harness: real training beside the NTK predictions, sweeps and reports.
+
+One direction of flow, each module importing only those before it::
+
+    data ─► train ─► compare ─► sweep ─► report ─► cli
+
+* :mod:`~ntkdyn.experiments.data`: small local data sets (:class:`Dataset`).
+* :mod:`~ntkdyn.experiments.train`: real training with optax, one jitted scan
+  (``train.train``, :class:`TrainResult`).
+* :mod:`~ntkdyn.experiments.compare`: real training against Eq. 8/9/10 as one
+  jitted pure function returning a metrics pytree (``compare.compare``,
+  :class:`Comparison`).
+* :mod:`~ntkdyn.experiments.sweep`: resumable, locked grids of comparisons
+  (``sweep.sweep``, :class:`SweepGrid`), the only writer of ``results.jsonl``.
+* :mod:`~ntkdyn.experiments.report`: CSV tables, figures and ``report.md``
+  from ``results.jsonl`` alone (:func:`write_report`).
+* :mod:`~ntkdyn.experiments.cli`: the ``ntkdyn`` command.
+
+The modules are exported under their own names and the functions that share a
+module's name stay inside it (``experiments.train.train``), so no function
+shadows a module. matplotlib, tqdm and scikit-learn are imported only inside
+the functions that draw, show progress or read the digits.
+"""
+
+from ntkdyn.experiments import compare, data, report, sweep, train
+from ntkdyn.experiments.compare import Comparison
+from ntkdyn.experiments.data import Dataset, load_dataset
+from ntkdyn.experiments.report import write_report
+from ntkdyn.experiments.sweep import SweepGrid, SweepOutcome, load_results
+from ntkdyn.experiments.train import TrainResult
+
+__all__ = [
+    "data",
+    "train",
+    "compare",
+    "sweep",
+    "report",
+    "Dataset",
+    "load_dataset",
+    "TrainResult",
+    "Comparison",
+    "SweepGrid",
+    "SweepOutcome",
+    "load_results",
+    "write_report",
+]

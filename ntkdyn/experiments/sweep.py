@@ -1,0 +1,782 @@
+"""Grids of :func:`ntkdyn.experiments.compare.compare` runs, resumable point by point.
+
+A :class:`SweepGrid` is the product width × training-set size × seed (and
+depth, learning rate, activation, parameterization when more than one is
+given). :func:`sweep` runs every point of it and appends each finished point
+to ``<out>/results.jsonl`` at once (one JSON object per line, flushed and
+fsynced), keyed by a hash of its full configuration. Running again with the
+same folder skips the finished points, so an interrupted sweep (Ctrl-C,
+``kill -9``) loses at most the point that was running.
+
+The results folder is safe to share:
+
+* a sweep holds an exclusive ``fcntl.flock`` on ``<out>/.ntkdyn-sweep.lock``
+  for its whole lifetime; a second sweep on the same folder waits for it (or
+  refuses, ``wait=False``), so no point is computed twice;
+* every append starts on a fresh line, so a torn line left by a killed or
+  foreign writer never swallows the next record;
+* the start-up repair (torn lines, malformed or duplicate records) runs only
+  under the lock, writes through a symlinked ``results.jsonl`` and keeps its
+  file mode; the lines it takes out are moved to ``results.rejected.jsonl``,
+  never deleted;
+* a record counts only if its ``key`` is the hash of its ``config``, its config
+  has the fields of this version (records of another schema stay in the file
+  but are counted separately, never merged) and its metrics are well formed.
+
+Each line holds ``key``, the full ``config``, the library ``version``, the
+scalar ``metrics`` of :meth:`Comparison.summary`, short ``curves`` at the
+recorded steps, ``timings`` (seconds spent building data and model, JAX
+tracing + compilation, and running) and ``seconds``. Non-finite numbers (a
+diverging linearized model) are written as the strings ``"inf"``, ``"-inf"``,
+``"nan"`` so every line is strict JSON.
+
+This is the only module that loops over configurations, and :func:`sweep` is
+the only writer of ``results.jsonl``: points are computed by an executor (today
+in process, one after another: :func:`_run_in_process`) and handed back to the
+driver, which appends them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import itertools
+import json
+import math
+import os
+import stat
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+
+from ntkdyn import models
+from ntkdyn._version import __version__
+from ntkdyn.dynamics import UnstableLearningRateWarning
+from ntkdyn.experiments.data import DATASETS, Dataset, load_dataset
+
+__all__ = [
+    "SweepGrid",
+    "SweepOutcome",
+    "RESULTS_FILE",
+    "REJECTED_FILE",
+    "LOCK_FILE",
+    "CONFIG_FIELDS",
+    "MODEL_FAMILIES",
+    "ResultsWarning",
+    "ResultsLocked",
+    "sweep",
+    "run_point",
+    "point_key",
+    "load_results",
+    "prepare_output",
+    "results_lock",
+]
+
+RESULTS_FILE = "results.jsonl"
+REJECTED_FILE = "results.rejected.jsonl"
+LOCK_FILE = ".ntkdyn-sweep.lock"
+_NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+class ResultsWarning(UserWarning):
+    """``results.jsonl`` holds lines that were left out (torn, malformed, another schema)."""
+
+
+class ResultsLocked(RuntimeError):
+    """Another sweep holds the results folder's lock (raised with ``wait=False``)."""
+
+
+# --------------------------------------------------------------------------- #
+# the grid
+# --------------------------------------------------------------------------- #
+
+
+def _tuple(name: str, values, kind) -> tuple:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        values = (values,)
+    values = tuple(values)
+    if not values:
+        raise ValueError(f"{name}: expected at least one value, got an empty list (the grid would be empty)")
+    for v in values:
+        if kind is int and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+            raise ValueError(f"{name}: expected integers, got {v!r}")
+        if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))):
+            raise ValueError(f"{name}: expected numbers, got {v!r}")
+        if kind is str and not isinstance(v, str):
+            raise ValueError(f"{name}: expected strings, got {v!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name}: expected distinct values, got {list(values)}")
+    return tuple(kind(v) for v in values)
+
+
+# every point's configuration has exactly these fields (their types: int, number, bool, str)
+_INT_FIELDS = ("n_train", "n_test", "data_seed", "in_features", "out_features", "width", "depth", "seed", "steps",
+               "num_records")
+_NUMBER_FIELDS = ("sigma_w", "sigma_b", "learning_rate", "momentum")
+_BOOL_FIELDS = ("lr_relative",)
+_STR_FIELDS = ("dataset", "activation", "parameterization", "time", "dtype")
+CONFIG_FIELDS = frozenset(_INT_FIELDS + _NUMBER_FIELDS + _BOOL_FIELDS + _STR_FIELDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepGrid:
+    """The configurations of a sweep (every field is validated by :meth:`validate`).
+
+    Attributes:
+      widths: hidden widths (≥ 1).
+      samples: training-set sizes N (≥ 1).
+      seeds: network-initialization seeds (≥ 0); the data are fixed by ``data_seed``.
+      depths: numbers of hidden layers (≥ 1).
+      learning_rates: η (> 0); multiples of the stability limit
+        ``2(1+β)n/λ_max`` of each point's Θ₀ when ``lr_relative``.
+      activations, parameterizations: see :mod:`ntkdyn.models`.
+      dataset: ``"synthetic"`` or ``"digits"`` (:mod:`ntkdyn.experiments.data`).
+      n_test: test-set size.
+      steps: real training steps per point; num_records: recorded steps (log-spaced).
+      time: prediction clock, ``"discrete"`` or ``"continuous"``.
+      momentum: heavy-ball β in [0, 1) (real and predicted).
+      data_seed: seed of the data set (shared by all points).
+      in_features, out_features: synthetic input dimension and outputs; for
+        ``"digits"`` in_features is 64 and out_features the number of classes
+        (2 … 10; the default 1 means all 10).
+      dtype: ``"float32"`` or ``"float64"`` (needs ``jax_enable_x64``).
+    """
+
+    widths: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    samples: tuple[int, ...] = (8, 32)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    depths: tuple[int, ...] = (2,)
+    learning_rates: tuple[float, ...] = (1.0,)
+    lr_relative: bool = False
+    activations: tuple[str, ...] = ("erf",)
+    parameterizations: tuple[str, ...] = ("ntk",)
+    dataset: str = "synthetic"
+    n_test: int = 32
+    steps: int = 500
+    num_records: int = 16
+    time: str = "discrete"
+    momentum: float = 0.0
+    data_seed: int = 0
+    in_features: int = 8
+    out_features: int = 1
+    dtype: str = "float32"
+
+    def validate(self) -> "SweepGrid":
+        """Check every field; returns a normalized copy (tuples, ints, floats). Raises ValueError."""
+        widths = _tuple("widths", self.widths, int)
+        samples = _tuple("samples", self.samples, int)
+        seeds = _tuple("seeds", self.seeds, int)
+        depths = _tuple("depths", self.depths, int)
+        lrs = _tuple("learning_rates", self.learning_rates, float)
+        activations = _tuple("activations", self.activations, str)
+        params = _tuple("parameterizations", self.parameterizations, str)
+        for name, values, lo in (("widths", widths, 1), ("samples", samples, 1), ("seeds", seeds, 0), ("depths", depths, 1)):
+            bad = [v for v in values if v < lo]
+            if bad:
+                raise ValueError(f"{name}: expected integers >= {lo}, got {bad}")
+        bad = [v for v in lrs if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise ValueError(f"learning_rates: expected finite values > 0, got {bad}")
+        bad = [a for a in activations if a not in models.ACTIVATIONS]
+        if bad:
+            raise ValueError(f"activations: expected names from {sorted(models.ACTIVATIONS)}, got {bad}")
+        bad = [p for p in params if p not in models.PARAMETERIZATIONS]
+        if bad:
+            raise ValueError(f"parameterizations: expected names from {list(models.PARAMETERIZATIONS)}, got {bad}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset: expected one of {sorted(DATASETS)}, got {self.dataset!r}")
+        for name in ("n_test", "steps", "num_records", "data_seed", "in_features", "out_features"):
+            value = getattr(self, name)
+            lo = {"steps": 1, "num_records": 2, "data_seed": 0}.get(name, 1)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+                raise ValueError(f"{name}: expected an integer >= {lo}, got {value!r}")
+        if self.time not in ("discrete", "continuous"):
+            raise ValueError(f"time: expected 'discrete' or 'continuous', got {self.time!r}")
+        if isinstance(self.momentum, bool) or not (
+            isinstance(self.momentum, (int, float, np.integer, np.floating)) and 0.0 <= self.momentum < 1.0
+        ):
+            raise ValueError(f"momentum: expected a float in [0, 1), got {self.momentum!r}")
+        if self.momentum > 0 and self.time != "discrete":
+            raise ValueError("time: heavy-ball momentum is only defined in discrete time, got 'continuous'")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype: expected 'float32' or 'float64', got {self.dtype!r}")
+        if self.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError(
+                "dtype: 'float64' needs 64-bit JAX; enable it first with "
+                "jax.config.update('jax_enable_x64', True) (the CLI's --x64 does this)"
+            )
+        in_features, out_features = int(self.in_features), int(self.out_features)
+        if self.dataset == "digits":
+            in_features = 64
+            if out_features == 1:  # the synthetic default: use all ten digits
+                out_features = 10
+            if not 2 <= out_features <= 10:
+                raise ValueError(f"out_features: digits has 2 to 10 classes, got {out_features}")
+            available = _digits_count(out_features)
+            worst = max(samples) + int(self.n_test)
+            if worst > available:
+                raise ValueError(
+                    f"samples: the {out_features}-class digits set has {available} images; "
+                    f"max(samples) + n_test = {worst} does not fit"
+                )
+        return dataclasses.replace(
+            self, widths=widths, samples=samples, seeds=seeds, depths=depths, learning_rates=lrs,
+            activations=activations, parameterizations=params, n_test=int(self.n_test), steps=int(self.steps),
+            num_records=int(self.num_records), data_seed=int(self.data_seed), in_features=in_features,
+            out_features=out_features, momentum=float(self.momentum), lr_relative=bool(self.lr_relative),
+        )
+
+    def points(self) -> list[dict]:
+        """Every point's full configuration, in run order.
+
+        Seeds vary slowest, then N, learning rate, architecture, width: an
+        interrupted sweep has whole width series for the first seeds.
+        """
+        g = self.validate()
+        out = []
+        for seed, n, lr, depth, act, par, width in itertools.product(
+            g.seeds, g.samples, g.learning_rates, g.depths, g.activations, g.parameterizations, g.widths
+        ):
+            out.append({
+                "dataset": g.dataset,
+                "n_train": n,
+                "n_test": g.n_test,
+                "data_seed": g.data_seed,
+                "in_features": g.in_features,
+                "out_features": g.out_features,
+                "width": width,
+                "depth": depth,
+                "activation": act,
+                "parameterization": par,
+                "sigma_w": 1.5,
+                "sigma_b": 0.05,
+                "seed": seed,
+                "learning_rate": lr,
+                "lr_relative": g.lr_relative,
+                "momentum": g.momentum,
+                "steps": g.steps,
+                "num_records": g.num_records,
+                "time": g.time,
+                "dtype": g.dtype,
+            })
+        return out
+
+
+def _digits_count(num_classes: int) -> int:
+    from sklearn.datasets import load_digits  # local file, read in a few ms
+
+    return int(load_digits(n_class=num_classes).target.shape[0])
+
+
+def point_key(config: dict) -> str:
+    """Stable id of a configuration: sha256 of its canonical JSON, 16 hex digits."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- #
+# records: encoding and checking
+# --------------------------------------------------------------------------- #
+
+
+# the metrics the report reads from every record (Comparison.summary always writes them)
+_REQUIRED_METRICS = ("train_gap", "test_gap", "eq8_test_gap", "lin_consistency", "weight_gap", "kernel_drift",
+                     "loss_initial", "loss_final", "loss_lin_final", "learning_rate", "max_learning_rate",
+                     "lr_ratio", "linear_diverged", "real_diverged")
+
+
+def _encode(obj):
+    if isinstance(obj, dict):
+        return {str(k): _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    if isinstance(obj, (np.ndarray, jax.Array)):
+        return _encode(np.asarray(obj).tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return v
+    return obj
+
+
+def _decode(obj):
+    if isinstance(obj, dict):
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    if isinstance(obj, str) and obj in _NON_FINITE:
+        return _NON_FINITE[obj]
+    return obj
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _config_ok(config: dict) -> bool:
+    return (all(isinstance(config[k], int) and not isinstance(config[k], bool) for k in _INT_FIELDS)
+            and all(_is_number(config[k]) for k in _NUMBER_FIELDS)
+            and all(isinstance(config[k], bool) for k in _BOOL_FIELDS)
+            and all(isinstance(config[k], str) for k in _STR_FIELDS))
+
+
+def _classify(rec) -> str:
+    """``"ok"``, ``"schema"`` (config of another version), ``"mismatch"`` (key ≠ hash of config) or ``"malformed"``.
+
+    ``rec`` is a decoded JSON value. A record of this schema is ok when its
+    key is the hash of its config, the config fields have their types, and
+    the metrics the report reads are numbers (booleans for the two flags).
+    """
+    if not isinstance(rec, dict) or not isinstance(rec.get("key"), str) or not isinstance(rec.get("config"), dict):
+        return "malformed"
+    config = rec["config"]
+    if set(config) != CONFIG_FIELDS:
+        return "schema"
+    if point_key(config) != rec["key"]:
+        return "mismatch"
+    metrics = rec.get("metrics")
+    if not _config_ok(config) or not isinstance(metrics, dict):
+        return "malformed"
+    if not all(isinstance(metrics.get(k), bool) for k in ("linear_diverged", "real_diverged")):
+        return "malformed"
+    if not all(_is_number(v) or isinstance(v, bool) for v in metrics.values()):
+        return "malformed"
+    if not all(k in metrics for k in _REQUIRED_METRICS):
+        return "malformed"
+    curves = rec.get("curves", {})
+    if not isinstance(curves, dict) or not all(
+        isinstance(v, list) and all(_is_number(x) for x in v) for v in curves.values()
+    ):
+        return "malformed"
+    if not _is_number(rec.get("seconds", 0.0)) or not isinstance(rec.get("timings", {}), dict):
+        return "malformed"
+    return "ok"
+
+
+@dataclasses.dataclass
+class _Scan:
+    """One pass over ``results.jsonl``: the usable records and what was left out."""
+
+    records: list[dict]  # decoded, first valid record of each key, in file order
+    keep: list[bytes]  # raw lines a repair keeps: the records above and other-schema records
+    reject: list[bytes]  # raw lines a repair moves to REJECTED_FILE
+    counts: dict[str, int]  # torn, malformed, mismatch, duplicate, schema
+    clean: bool  # nothing to repair (every line kept, file ends with a newline)
+
+
+def _scan(path: Path) -> _Scan:
+    """Read ``path`` (missing = empty). OSError (a directory, no permission) propagates."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raw = b""
+    counts = dict.fromkeys(("torn", "malformed", "mismatch", "duplicate", "schema"), 0)
+    records, keep, reject, seen = [], [], [], set()
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            rec = _decode(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            counts["torn"] += 1
+            reject.append(line)
+            continue
+        kind = _classify(rec)
+        if kind == "ok" and rec["key"] in seen:
+            kind = "duplicate"
+        if kind == "ok":
+            seen.add(rec["key"])
+            records.append(rec)
+        if kind != "ok":
+            counts[kind] += 1
+        (keep if kind in ("ok", "schema") else reject).append(line)
+    clean = not reject and (not raw or raw.endswith(b"\n")) and raw.count(b"\n") == len(keep)
+    return _Scan(records, keep, reject, counts, clean)
+
+
+def _left_out(path: Path, counts: dict[str, int]) -> str | None:
+    """One sentence saying which lines of ``path`` were left out, or None."""
+    what = {"torn": "torn or unparseable", "malformed": "malformed", "mismatch": "with a key that does not match "
+            "their config", "duplicate": "duplicate", "schema": "of another schema (config fields differ; kept in "
+            "the file, not counted)"}
+    parts = [f"{n} {what[k]}" for k, n in counts.items() if n]
+    if not parts:
+        return None
+    total = sum(counts.values())
+    return f"{path}: left out {total} line{'s' if total != 1 else ''}: " + ", ".join(parts)
+
+
+def load_results(path: str | os.PathLike) -> list[dict]:
+    """Read ``results.jsonl`` (a folder or the file itself); one dict per finished point, read-only.
+
+    Records are checked (see the module docstring): torn lines, malformed
+    records, records whose key does not match their config, duplicates and
+    records of another schema are left out, with ONE :class:`ResultsWarning`
+    counting them. OSError (e.g. the path is a folder, unreadable) propagates.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    scan = _scan(path)
+    message = _left_out(path, scan.counts)
+    if message:
+        warnings.warn(message, ResultsWarning, stacklevel=2)
+    return scan.records
+
+
+# --------------------------------------------------------------------------- #
+# the results folder: lock, append, repair
+# --------------------------------------------------------------------------- #
+
+
+def prepare_output(out: str | os.PathLike) -> Path:
+    """Create ``out`` if needed and check it is a writable folder (ValueError otherwise)."""
+    if str(out).strip() == "":
+        raise ValueError(f"out: expected a folder path, got {str(out)!r}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: expected a folder, got the existing file {str(out)!r}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"out: cannot write results to {str(out)!r} ({err.strerror or err})") from err
+    results = out / RESULTS_FILE
+    if results.exists() and not results.is_file():
+        raise ValueError(f"out: {str(results)!r} exists and is not a regular file")
+    if results.exists() and not os.access(results, os.W_OK):
+        raise ValueError(f"out: {str(results)!r} exists and is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def results_lock(out: str | os.PathLike, *, wait: bool = True, on_wait: Callable[[str], None] | None = None):
+    """Hold the exclusive ``flock`` of the results folder ``out`` for the ``with`` block.
+
+    The lock file (``.ntkdyn-sweep.lock``) stays in the folder; the lock dies
+    with the process, so a killed sweep never leaves the folder locked. When
+    another process holds it: ``wait=False`` raises :class:`ResultsLocked`;
+    otherwise ``on_wait(message)`` is called once (default: the message goes
+    to stderr) and the call blocks until the lock is free.
+    """
+    import fcntl  # POSIX; imported here so the package imports everywhere
+
+    lock_path = Path(out) / LOCK_FILE
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise ResultsLocked(
+                    f"out: {str(out)!r} is in use by another sweep (lock {str(lock_path)!r}); "
+                    "run again without --no-wait to queue behind it, or use another folder"
+                ) from None
+            message = f"ntkdyn sweep: {out} is in use by another sweep; waiting for it to finish ..."
+            if on_wait is None:
+                print(message, file=sys.stderr, flush=True)
+            else:
+                on_wait(message)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield lock_path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        written = os.write(fd, data)
+        if written <= 0:  # pragma: no cover - os.write raises on a full disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        data = data[written:]
+
+
+def _append(path: Path, record: dict) -> None:
+    """Append one record as a line that starts on a fresh line, then fsync.
+
+    A foreign writer may have left a torn line (no newline at the end): the
+    record is then preceded by a newline. If such a fragment lands between the
+    check and the write, the record is written again on a fresh line, so it is
+    never glued to someone else's bytes.
+    """
+    line = (json.dumps(_encode(record), sort_keys=True, allow_nan=False) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        for _ in range(8):
+            size = os.fstat(fd).st_size
+            lead = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
+            _write_all(fd, lead + line)
+            start = os.lseek(fd, 0, os.SEEK_CUR) - len(line)
+            if start == 0 or os.pread(fd, 1, start - 1) == b"\n":
+                break
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _repair(path: Path, scan: _Scan) -> None:
+    """Rewrite ``path`` with ``scan.keep`` only (call with the folder's lock held).
+
+    The rejected lines are appended to ``REJECTED_FILE`` first (nothing is
+    lost if the process dies in between). The new file replaces the real file
+    behind a symlink, atomically, with the old file's mode (and owner, when
+    permitted).
+    """
+    real = Path(os.path.realpath(path))
+    info = os.stat(real)
+    if scan.reject:
+        rejected = path.parent / REJECTED_FILE
+        fd = os.open(rejected, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            _write_all(fd, b"".join(line + b"\n" for line in scan.reject))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=".results-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(b"".join(line + b"\n" for line in scan.keep))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, stat.S_IMODE(info.st_mode))
+        with contextlib.suppress(OSError):
+            os.chown(tmp, info.st_uid, info.st_gid)
+        os.replace(tmp, real)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- #
+# one point
+# --------------------------------------------------------------------------- #
+
+
+def _mlp_family(config: dict, in_features: int, out_features: int):
+    """The built-in family: :class:`ntkdyn.models.MLP` of the config's width, depth, activation, scaling."""
+    from flax import nnx
+
+    module = models.MLP(
+        in_features, out_features, width=config["width"], depth=config["depth"], activation=config["activation"],
+        parameterization=config["parameterization"], sigma_w=config["sigma_w"], sigma_b=config["sigma_b"],
+        rngs=nnx.Rngs(config["seed"]), dtype=config["dtype"],
+    )
+    return models.as_apply_fn(module)
+
+
+# model families by name: family(config, in_features, out_features) -> (Model, params)
+MODEL_FAMILIES: dict[str, Callable[[dict, int, int], tuple[Any, Any]]] = {"mlp": _mlp_family}
+
+
+def _dataset(config: dict, cache: dict) -> Dataset:
+    c = config
+    key = (c["dataset"], c["n_train"], c["n_test"], c["data_seed"], c["in_features"], c["out_features"], c["dtype"])
+    if key not in cache:
+        options = (
+            {"in_features": c["in_features"], "out_features": c["out_features"]}
+            if c["dataset"] == "synthetic"
+            else {"num_classes": c["out_features"]}
+        )
+        cache[key] = load_dataset(c["dataset"], c["n_train"], c["n_test"], seed=c["data_seed"], dtype=c["dtype"],
+                                  **options)
+    return cache[key]
+
+
+@contextlib.contextmanager
+def _compile_clock() -> Iterator[Callable[[], float]]:
+    """Seconds JAX spends tracing, lowering and compiling inside the block.
+
+    Read from ``jax.monitoring`` time spans; nested spans (a jitted function
+    traced inside another) are counted once, as the union of the intervals.
+    """
+    spans: list[tuple[float, float]] = []
+
+    def listen(event: str, start: float, end: float, **_):
+        if event.startswith("/jax/core/compile/"):
+            spans.append((start, end))
+
+    def seconds() -> float:
+        total, reach = 0.0, -math.inf
+        for start, end in sorted(spans):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
+
+    jax.monitoring.register_event_time_span_listener(listen)
+    try:
+        yield seconds
+    finally:
+        jax.monitoring.unregister_event_time_span_listener(listen)
+
+
+def run_point(config: dict, data_cache: dict | None = None) -> dict:
+    """Run :func:`ntkdyn.experiments.compare.compare` for one configuration; return its results record.
+
+    ``data_cache`` (a dict) lets the points of one sweep share data sets. The
+    record's ``timings``: ``setup`` (data and model), ``compile`` (JAX tracing
+    and compilation; 0 when the architecture and shapes were seen before),
+    ``run`` (the rest of the comparison, results on the host).
+    """
+    from ntkdyn.experiments.compare import compare
+    from ntkdyn.experiments.train import default_record_steps
+
+    tic = time.perf_counter()
+    data = _dataset(config, {} if data_cache is None else data_cache)
+    family = MODEL_FAMILIES[config.get("model", "mlp")]
+    model, params0 = family(config, data.in_features, data.num_outputs)
+    setup = time.perf_counter() - tic
+    with _compile_clock() as compile_seconds, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnstableLearningRateWarning)
+        result = compare(
+            model, params0, data.x_train, data.y_train,
+            steps=config["steps"], learning_rate=config["learning_rate"], lr_relative=config["lr_relative"],
+            x_test=data.x_test, y_test=data.y_test,
+            record_at=default_record_steps(config["steps"], config["num_records"]),
+            time=config["time"], momentum=config["momentum"],
+        )
+        metrics = result.summary()  # waits for the device
+    steps = np.asarray(result.steps)
+    test = result.test
+    cons = np.asarray(result.train.consistency)
+    if test is not None:
+        cons = np.maximum(cons, np.asarray(test.consistency))
+    curves = {
+        "steps": steps,
+        "loss": np.asarray(result.loss.train)[steps],
+        "loss_lin": np.asarray(result.loss.train_lin)[steps],
+        "test_loss": result.loss.test,
+        "test_loss_lin": result.loss.test_lin,
+        "train_gap": result.train.gap,
+        "test_gap": None if test is None else test.gap,
+        "lin_consistency": cons,
+        "eq8_train_gap": result.train.eq8_gap,
+        "eq8_test_gap": None if test is None else test.eq8_gap,
+        "weight_gap": result.weights.gap,
+    }
+    seconds, compiled = time.perf_counter() - tic, compile_seconds()
+    return {
+        "key": point_key(config),
+        "config": config,
+        "version": __version__,
+        "jax_version": jax.__version__,
+        "metrics": metrics,
+        "curves": {k: v for k, v in curves.items() if v is not None},
+        "timings": {"setup": setup, "compile": compiled, "run": seconds - setup - compiled},
+        "seconds": seconds,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# --------------------------------------------------------------------------- #
+# the sweep
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass
+class SweepOutcome:
+    """What one call of :func:`sweep` did.
+
+    ``records``: every usable finished point in the folder (this grid's and
+    earlier ones'); ``left_out``: lines of ``results.jsonl`` that were not
+    counted (by kind: torn, malformed, mismatch, duplicate, schema).
+    """
+
+    out: Path
+    total: int
+    skipped: int
+    ran: int
+    failed: list[tuple[dict, str]]
+    records: list[dict]
+    left_out: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _run_in_process(configs: list[dict]) -> Iterator[tuple[dict, dict | None, str | None]]:
+    """The in-process executor: ``(config, record, None)`` or ``(config, None, error)`` per point, in order.
+
+    Another executor (worker processes, a cluster) yields the same triples as
+    its points finish; the driver in :func:`sweep` stays the only writer.
+    """
+    data_cache: dict = {}
+    for config in configs:
+        try:
+            record = run_point(config, data_cache)
+        except Exception as err:  # noqa: BLE001 - one bad point must not end the sweep
+            yield config, None, f"{type(err).__name__}: {err}"
+        else:
+            yield config, record, None
+
+
+def sweep(grid: SweepGrid, out: str | os.PathLike, *, progress: bool = False, wait: bool = True) -> SweepOutcome:
+    """Run every point of ``grid`` not yet in ``<out>/results.jsonl``; append each as it finishes.
+
+    The grid and the folder are checked before any work (ValueError for an
+    empty or invalid grid, an unwritable folder). The folder's lock is held
+    from before reading the results until the last append: a second sweep on
+    the same folder waits (a message on stderr) or, with ``wait=False``,
+    raises :class:`ResultsLocked` without touching anything. A point that
+    raises is reported in ``failed`` and not written, so the next run retries
+    it; Ctrl-C stops at once and loses only the running point. OSError while
+    writing (disk full) propagates; the lines already written stay.
+
+    Args:
+      grid: the configurations.
+      out: results folder (created if needed).
+      progress: show a tqdm bar that advances per point.
+      wait: wait for another sweep holding the folder (default) or raise.
+    """
+    if not isinstance(grid, SweepGrid):
+        raise TypeError(f"grid: expected a SweepGrid, got {type(grid).__name__}")
+    points = grid.validate().points()
+    out = prepare_output(out)
+    path = out / RESULTS_FILE
+    failed: list[tuple[dict, str]] = []
+    with results_lock(out, wait=wait):
+        scan = _scan(path)
+        if not scan.clean and path.exists():
+            _repair(path, scan)
+        done = {r["key"] for r in scan.records}
+        todo = [c for c in points if point_key(c) not in done]
+        skipped = len(points) - len(todo)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(points), initial=skipped, unit="point", dynamic_ncols=True)
+        try:
+            for config, record, error in _run_in_process(todo):
+                if record is None:
+                    failed.append((config, error))
+                else:
+                    _append(path, record)
+                if bar is not None:
+                    bar.set_postfix_str(
+                        f"width={config['width']} N={config['n_train']} seed={config['seed']} "
+                        f"lr={config['learning_rate']:g}{'×limit' if config['lr_relative'] else ''}"
+                    )
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        final = _scan(path)
+    return SweepOutcome(
+        out=out, total=len(points), skipped=skipped, ran=len(todo) - len(failed), failed=failed,
+        records=final.records, left_out={k: v for k, v in final.counts.items() if v},
+    )

@@ -135,6 +135,7 @@ def test_repair_moves_bad_lines_aside_and_keeps_mode_and_symlink(tmp_path, fake_
 
     outcome = sweep(GRID, out)
     assert outcome.skipped == 1 and outcome.ran == 3 and outcome.left_out == {}
+    assert outcome.moved_aside == {"torn": 2, "duplicate": 1}
     assert (out / RESULTS_FILE).is_symlink() and os.path.realpath(out / RESULTS_FILE) == str(target)
     assert stat.S_IMODE(target.stat().st_mode) == 0o664
     assert sorted(keys_in_file(target)) == sorted(all_keys())

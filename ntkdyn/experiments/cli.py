@@ -191,6 +191,10 @@ def _cmd_sweep(args) -> int:
     for config, error in outcome.failed:
         print(f"  failed: width={config['width']} N={config['n_train']} seed={config['seed']}: {_one_line(error)}",
               file=sys.stderr)
+    if outcome.moved_aside:
+        parts = ", ".join(f"{n} {kind}" for kind, n in outcome.moved_aside.items())
+        print(f"ntkdyn sweep: warning: moved unusable lines of {args.out}/results.jsonl ({parts}) "
+              "to results.rejected.jsonl", file=sys.stderr)
     if outcome.left_out:
         parts = ", ".join(f"{n} {kind}" for kind, n in outcome.left_out.items())
         print(f"ntkdyn sweep: warning: {args.out}/results.jsonl has lines that were not counted ({parts}); "

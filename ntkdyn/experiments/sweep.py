@@ -695,8 +695,10 @@ class SweepOutcome:
     """What one call of :func:`sweep` did.
 
     ``records``: every usable finished point in the folder (this grid's and
-    earlier ones'); ``left_out``: lines of ``results.jsonl`` that were not
-    counted (by kind: torn, malformed, mismatch, duplicate, schema).
+    earlier ones'); ``left_out``: lines of ``results.jsonl`` that are not
+    counted at the end (by kind: torn, malformed, mismatch, duplicate,
+    schema); ``moved_aside``: unusable lines the start-up repair moved to
+    ``results.rejected.jsonl`` (by kind).
     """
 
     out: Path
@@ -706,6 +708,7 @@ class SweepOutcome:
     failed: list[tuple[dict, str]]
     records: list[dict]
     left_out: dict[str, int] = dataclasses.field(default_factory=dict)
+    moved_aside: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _run_in_process(configs: list[dict]) -> Iterator[tuple[dict, dict | None, str | None]]:
@@ -750,8 +753,10 @@ def sweep(grid: SweepGrid, out: str | os.PathLike, *, progress: bool = False, wa
     failed: list[tuple[dict, str]] = []
     with results_lock(out, wait=wait):
         scan = _scan(path)
+        moved_aside = {}
         if not scan.clean and path.exists():
             _repair(path, scan)
+            moved_aside = {k: n for k, n in scan.counts.items() if n and k != "schema"}
         done = {r["key"] for r in scan.records}
         todo = [c for c in points if point_key(c) not in done]
         skipped = len(points) - len(todo)
@@ -778,5 +783,5 @@ def sweep(grid: SweepGrid, out: str | os.PathLike, *, progress: bool = False, wa
         final = _scan(path)
     return SweepOutcome(
         out=out, total=len(points), skipped=skipped, ran=len(todo) - len(failed), failed=failed,
-        records=final.records, left_out={k: v for k, v in final.counts.items() if v},
+        records=final.records, left_out={k: v for k, v in final.counts.items() if v}, moved_aside=moved_aside,
     )

@@ -7,8 +7,10 @@ Usage (from the repository root)::
     python benchmarks/ntk_speed.py --json out.json      # also write the rows
 
 Each (configuration, method) runs in a fresh worker process, so its peak
-memory is its own: ``peak_mib`` is the growth of the resident set (``ru_maxrss``)
-from just before the first kernel call to the end, compilation included.
+memory is its own: ``peak_mib`` is the growth of the resident set's high-water
+mark (``VmHWM``) from just before the first kernel call to the end, compilation
+included. (``ru_maxrss`` would not do: Linux carries it across ``exec`` from the
+parent, which may just have computed a large reference kernel.)
 Times are wall-clock, float32, jitted: ``compile_s`` = first call minus the
 median of the ``--repeats`` warm calls (``median_s``). ``rel_diff`` is
 ``max|Θ − Θ_ref| / max|Θ_ref|`` against the explicit Jacobian kernel
@@ -26,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -105,12 +106,21 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    """This process's resident high-water mark (``VmHWM``; per address space, reset by ``exec``)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("VmHWM not found in /proc/self/status")
+
+
 def worker(name: str, method: str, repeats: int, reference_path: str | None, kernel_out: str | None) -> dict:
     """Time one method on one configuration in this (fresh) process."""
     import jax
     import numpy as np
 
-    from ntkdyn import ntk
+    from ntkdyn import kernels
 
     apply_fn, params, x, _ = build(name)
     c = CONFIGS[name]
@@ -119,10 +129,10 @@ def worker(name: str, method: str, repeats: int, reference_path: str | None, ker
     if method != "auto":
         kwargs["method"] = method
     # explicit methods in one tile (as neural-tangents does); memory-bounded tiles when N is large or with "auto"
-    kwargs["batch_size"] = "auto" if (big or method in ("auto", "jacobian", "ntvp")) else None
+    kwargs["tile_size"] = "auto" if (big or method in ("auto", "jacobian", "ntvp")) else None
 
     def run():
-        return jax.block_until_ready(ntk.empirical_ntk(apply_fn, params, x, **kwargs))
+        return jax.block_until_ready(kernels.empirical_ntk(apply_fn, params, x, **kwargs))
 
     base = _rss_bytes()
     t0 = time.perf_counter()
@@ -133,18 +143,18 @@ def worker(name: str, method: str, repeats: int, reference_path: str | None, ker
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = _peak_rss_bytes() - base
     median = statistics.median(times) if times else first
     row = dict(
         config=name,
         method=method,
-        chosen=ntk.plan_ntk(apply_fn, params, x, **{k: v for k, v in kwargs.items()}),
+        chosen=kernels.plan_ntk(apply_fn, params, x, **{k: v for k, v in kwargs.items()}),
         n=c["n"],
         compile_s=max(first - median, 0.0) if times else float("nan"),
         median_s=median,
         times=times,
         peak_mib=peak / 2**20,
-        params=ntk.flat_param_count(params),
+        params=kernels.flat_param_count(params),
         rel_diff=None,
     )
     if reference_path and os.path.exists(reference_path):
@@ -175,10 +185,10 @@ def reference_kernel(name: str, path: str) -> None:
     """The explicit Jacobian kernel ``J Jᵀ`` (method="jacobian", memory-bounded tiles), saved as .npy."""
     import numpy as np
 
-    from ntkdyn import ntk
+    from ntkdyn import kernels
 
     apply_fn, params, x, _ = build(name)
-    k = ntk.empirical_ntk(apply_fn, params, x, method="jacobian", trace_outputs=CONFIGS[name]["trace"])
+    k = kernels.empirical_ntk(apply_fn, params, x, method="jacobian", trace_outputs=CONFIGS[name]["trace"])
     np.save(path, np.asarray(k))
 
 

@@ -58,15 +58,16 @@ def main(argv=None) -> None:
         import ntkdyn  # noqa: F401
     except ImportError:  # run from a checkout without installing
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ntkdyn import dynamics, models, ntk, sketch
+    from ntkdyn import kernels, models
+    from ntkdyn.kernels import sketch
 
     apply_fn, params = models.mlp(args.d, args.outputs, width=args.width, depth=args.depth, seed=0)
     x = jax.random.normal(jax.random.key(1), (args.n, args.d))
-    n_params = ntk.flat_param_count(params)
+    n_params = kernels.flat_param_count(params)
 
-    exact = ntk.empirical_ntk(apply_fn, params, x, method="jacobian")
-    exact_s = _median_time(lambda: ntk.empirical_ntk(apply_fn, params, x, method="jacobian"), args.repeats)
-    theta = dynamics.flatten_kernel(exact)
+    exact = kernels.empirical_ntk(apply_fn, params, x, method="jacobian")
+    exact_s = _median_time(lambda: kernels.empirical_ntk(apply_fn, params, x, method="jacobian"), args.repeats)
+    theta = kernels.flatten_kernel(exact)
     norm = float(jnp.linalg.norm(theta))
     ratio = float(jnp.trace(theta) ** 2 / jnp.sum(theta**2))
 
@@ -78,7 +79,7 @@ def main(argv=None) -> None:
     for k in (int(v) for v in args.ks.split(",")):
         errs = []
         for seed in range(args.seeds):
-            est = dynamics.flatten_kernel(sketch.sketched_ntk(apply_fn, params, x, n_probes=k, seed=seed))
+            est = kernels.flatten_kernel(sketch.sketched_ntk(apply_fn, params, x, n_probes=k, seed=seed))
             errs.append(float(jnp.linalg.norm(est - theta)) / norm)
         errs = np.asarray(errs)
         pbs = min(k, args.probe_batch_size)

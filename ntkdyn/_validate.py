@@ -296,8 +296,12 @@ def choice(name: str, value, choices: Iterable[str]) -> str:
     return value
 
 
-def params_tree(name: str, params: Any) -> None:
-    """A non-empty pytree of floating-point arrays with finite values (when concrete)."""
+def params_tree(name: str, params: Any, *, values: bool = True) -> None:
+    """A non-empty pytree of floating-point arrays with finite values (when concrete).
+
+    ``values=False`` checks structure and dtypes only, for callers that check
+    the values their own (faster, on-device) way.
+    """
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves:
         raise ValueError(f"{name}: expected a pytree with at least one array, got {type(params).__name__} with no leaves")
@@ -306,7 +310,8 @@ def params_tree(name: str, params: Any) -> None:
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"{name}: expected floating-point arrays as leaves, got {type(leaf).__name__} "
                             f"of dtype {dtype}")
-    finite(name, leaves)
+    if values:
+        finite(name, leaves)
 
 
 def nan_unless(ok: jax.Array, tree: Any) -> Any:

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntkdyn import ntk, structured
+from ntkdyn import kernels
+from ntkdyn.kernels import structured
 
 
 def explicit_ntk(apply_fn, params, x1, x2, trace_outputs=False):
@@ -25,7 +26,7 @@ def explicit_ntk(apply_fn, params, x1, x2, trace_outputs=False):
 
 def assert_matches(apply_fn, params, x1, x2=None, *, trace_outputs=False, tol=1e-10):
     ref = explicit_ntk(apply_fn, params, x1, x1 if x2 is None else x2, trace_outputs)
-    got = ntk.empirical_ntk(apply_fn, params, x1, x2, method="structured", trace_outputs=trace_outputs, batch_size=None)
+    got = kernels.empirical_ntk(apply_fn, params, x1, x2, method="structured", trace_outputs=trace_outputs, tile_size=None)
     assert got.shape == ref.shape
     assert got.dtype == ref.dtype
     scale = float(jnp.max(jnp.abs(ref)))

@@ -1,5 +1,7 @@
 """Every NTK method against the explicit Jacobian oracle ``J Jᵀ`` (float64)."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from flax import linen, nnx
 
 import ntkdyn
-from ntkdyn import models
+from ntkdyn import kernels, models
 
 EXACT_METHODS = ["jacobian", "ntvp"]
 
@@ -66,10 +68,10 @@ def test_methods_match_explicit_jacobian(case, method):
     ref11 = explicit_ntk(f, p, x1, x1)
     k = ref12.shape[-1]
     scale = float(jnp.abs(ref11).max())
-    for batch_size in (None, 3):  # 3 divides neither 7 nor 5
-        got12 = ntkdyn.empirical_ntk(f, p, x1, x2, method=method, batch_size=batch_size)
-        got11 = ntkdyn.empirical_ntk(f, p, x1, method=method, batch_size=batch_size)
-        tr12 = ntkdyn.empirical_ntk(f, p, x1, x2, method=method, batch_size=batch_size, trace_outputs=True)
+    for tile_size in (None, 3):  # 3 divides neither 7 nor 5
+        got12 = kernels.empirical_ntk(f, p, x1, x2, method=method, tile_size=tile_size)
+        got11 = kernels.empirical_ntk(f, p, x1, method=method, tile_size=tile_size)
+        tr12 = kernels.empirical_ntk(f, p, x1, x2, method=method, tile_size=tile_size, trace_outputs=True)
         assert got12.shape == ref12.shape and got12.dtype == jnp.float64
         assert tr12.shape == ref12.shape[:2]
         np.testing.assert_allclose(got12, ref12, atol=1e-10 * scale, rtol=0)
@@ -79,12 +81,12 @@ def test_methods_match_explicit_jacobian(case, method):
 
 def test_auto_method_is_exact():
     _, f, p, x1, x2 = CASES[0]
-    np.testing.assert_allclose(ntkdyn.empirical_ntk(f, p, x1, x2), explicit_ntk(f, p, x1, x2), atol=1e-10)
+    np.testing.assert_allclose(kernels.empirical_ntk(f, p, x1, x2), explicit_ntk(f, p, x1, x2), atol=1e-10)
 
 
 def test_symmetric_kernel_is_symmetric_and_psd():
     _, f, p, x1, _ = CASES[1]
-    k = ntkdyn.flatten_kernel(ntkdyn.empirical_ntk(f, p, x1, batch_size=3))
+    k = kernels.flatten_kernel(kernels.empirical_ntk(f, p, x1, tile_size=3))
     np.testing.assert_allclose(k, k.T, atol=1e-12)
     assert float(jnp.linalg.eigvalsh(k).min()) > -1e-10 * float(jnp.abs(k).max())
 
@@ -101,7 +103,7 @@ def test_nnx_linear_and_linen_dense_adapters():
             return self.b(jnp.tanh(self.a(x)))
 
     f, p = models.as_apply_fn(Net(nnx.Rngs(0)))
-    np.testing.assert_allclose(ntkdyn.empirical_ntk(f, p, x), explicit_ntk(f, p, x, x), atol=1e-10)
+    np.testing.assert_allclose(kernels.empirical_ntk(f, p, x), explicit_ntk(f, p, x, x), atol=1e-10)
 
     class LinenNet(linen.Module):
         @linen.compact
@@ -111,7 +113,7 @@ def test_nnx_linear_and_linen_dense_adapters():
     module = LinenNet()
     variables = module.init(jax.random.key(1), x)
     f2, p2 = models.as_apply_fn(variables, module.apply)
-    np.testing.assert_allclose(ntkdyn.empirical_ntk(f2, p2, x), explicit_ntk(f2, p2, x, x), atol=1e-10)
+    np.testing.assert_allclose(kernels.empirical_ntk(f2, p2, x), explicit_ntk(f2, p2, x, x), atol=1e-10)
     f3, _ = models.as_apply_fn(variables, module)
     np.testing.assert_allclose(f3(p2, x), module.apply(variables, x))
 
@@ -119,7 +121,7 @@ def test_nnx_linear_and_linen_dense_adapters():
 def test_float32_kernel_stays_float32():
     f, p = models.mlp(4, 1, width=16, depth=1, dtype=jnp.float32)
     x = jnp.ones((3, 4), jnp.float32)
-    assert ntkdyn.empirical_ntk(f, p, x).dtype == jnp.float32
+    assert kernels.empirical_ntk(f, p, x).dtype == jnp.float32
 
 
 # --------------------------------------------------------------------------- #
@@ -136,43 +138,119 @@ def small():
 def test_bad_method(small):
     f, p, x = small
     with pytest.raises(ValueError, match="method"):
-        ntkdyn.empirical_ntk(f, p, x, method="magic")
+        kernels.empirical_ntk(f, p, x, method="magic")
 
 
 @pytest.mark.parametrize("bs", [0, -2, 1.5, "big"])
-def test_bad_batch_size(small, bs):
+def test_bad_tile_size(small, bs):
     f, p, x = small
-    with pytest.raises(ValueError, match="batch_size"):
-        ntkdyn.empirical_ntk(f, p, x, batch_size=bs)
+    with pytest.raises(ValueError, match="tile_size"):
+        kernels.empirical_ntk(f, p, x, tile_size=bs)
 
 
 def test_nan_and_empty_and_mismatched_inputs(small):
     f, p, x = small
     with pytest.raises(ValueError, match="x1"):
-        ntkdyn.empirical_ntk(f, p, x.at[0, 0].set(jnp.nan))
+        kernels.empirical_ntk(f, p, x.at[0, 0].set(jnp.nan))
     with pytest.raises(ValueError, match="x2"):
-        ntkdyn.empirical_ntk(f, p, x, x.at[1, 1].set(jnp.inf))
+        kernels.empirical_ntk(f, p, x, x.at[1, 1].set(jnp.inf))
     with pytest.raises(ValueError, match="x1"):
-        ntkdyn.empirical_ntk(f, p, jnp.zeros((0, 3)))
+        kernels.empirical_ntk(f, p, jnp.zeros((0, 3)))
     with pytest.raises(ValueError, match="x2"):
-        ntkdyn.empirical_ntk(f, p, x, jnp.ones((2, 5)))
+        kernels.empirical_ntk(f, p, x, jnp.ones((2, 5)))
 
 
 def test_output_must_be_two_dimensional():
-    with pytest.raises(ValueError, match="apply_fn"):
-        ntkdyn.empirical_ntk(lambda p, x: x @ p, jnp.ones(3), jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match="^apply_fn:"):
+        kernels.empirical_ntk(lambda p, x: x @ p, jnp.ones(3), jnp.ones((4, 3)))
+
+
+@pytest.mark.parametrize("method", ["auto", "jacobian", "ntvp", "structured"])
+def test_output_rows_are_checked_on_the_whole_batch(method):
+    """One output row for six inputs used to give a (1, 1, 1, 1) kernel: the shape probe saw one row only."""
+    w = jnp.ones((3, 1))
+    first_row = lambda p, x: (x @ p)[:1]  # noqa: E731
+    with pytest.raises(ValueError, match="^apply_fn: output has 1 rows for 6 inputs"):
+        kernels.empirical_ntk(first_row, w, jnp.ones((6, 3)), method=method)
+    at_most_four = lambda p, x: (x @ p)[:4]  # noqa: E731  -- right for x1 (4 rows), wrong for x2 (6 rows)
+    with pytest.raises(ValueError, match="^apply_fn: output has 4 rows for 6 inputs"):
+        kernels.empirical_ntk(at_most_four, w, jnp.ones((4, 3)), jnp.ones((6, 3)), method=method)
+    with pytest.raises(ValueError, match="^apply_fn:"):
+        kernels.ntk_vp(first_row, w, jnp.ones((6, 3)), None, jnp.ones((6, 1)))
+
+
+@pytest.mark.parametrize("method", ["auto", "jacobian", "ntvp", "structured"])
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_non_finite_params_name_params(small, method, bad):
+    f, p, x = small
+    leaves, treedef = jax.tree_util.tree_flatten(p)
+    poisoned = jax.tree_util.tree_unflatten(treedef, [leaves[0].at[0].set(bad)] + leaves[1:])
+    with pytest.raises(ValueError, match="^params: expected finite values"):
+        kernels.empirical_ntk(f, poisoned, x, method=method)
+    with pytest.raises(ValueError, match="^params: expected finite values"):
+        kernels.ntk_vp(f, poisoned, x, None, jnp.ones((4, 2)))
+
+
+def test_top_level_names_are_the_kernels_ones():
+    assert ntkdyn.empirical_ntk is kernels.empirical_ntk
+    assert ntkdyn.ntk_vp is kernels.ntk_vp
 
 
 def test_integer_params_rejected():
     with pytest.raises(TypeError, match="params"):
-        ntkdyn.empirical_ntk(lambda p, x: x @ p, jnp.ones((3, 1), jnp.int32), jnp.ones((4, 3)))
+        kernels.empirical_ntk(lambda p, x: x @ p, jnp.ones((3, 1), jnp.int32), jnp.ones((4, 3)))
 
 
 def test_tiled_kernel_under_jit_and_grad_over_params():
     """Tiling must not pull traced params to the host (jit/grad over θ, e.g. kernel drift)."""
     _, f, p, x1, _ = CASES[0]
-    whole = lambda q: jnp.sum(ntkdyn.empirical_ntk(f, q, x1, method="jacobian", batch_size=None) ** 2)
-    tiled = lambda q: jnp.sum(ntkdyn.empirical_ntk(f, q, x1, method="jacobian", batch_size=3) ** 2)
+    whole = lambda q: jnp.sum(kernels.empirical_ntk(f, q, x1, method="jacobian", tile_size=None) ** 2)
+    tiled = lambda q: jnp.sum(kernels.empirical_ntk(f, q, x1, method="jacobian", tile_size=3) ** 2)
     np.testing.assert_allclose(jax.jit(tiled)(p), whole(p), rtol=1e-12)
     g_whole, g_tiled = jax.grad(whole)(p), jax.grad(tiled)(p)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12), g_whole, g_tiled)
+
+
+# --------------------------------------------------------------------------- #
+# compiled code is reused
+# --------------------------------------------------------------------------- #
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Backend compilations inside the block (jax.monitoring's compile events)."""
+    seen = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize("method,tile_size", [("auto", "auto"), ("jacobian", 2), ("ntvp", None), ("structured", 3)])
+def test_one_compilation_per_architecture(method, tile_size):
+    """The model is a traced pytree argument: repeated calls on one NNX module, and on a second
+    instance of the same architecture (other weights), reuse the compiled programs."""
+    def instance(seed):
+        return models.as_apply_fn(models.MLP(3, 2, width=6, depth=1, rngs=nnx.Rngs(seed), dtype=jnp.float64))
+
+    (f1, p1), (f2, p2) = instance(0), instance(1)
+    x = jax.random.normal(jax.random.key(4), (5, 3))
+    v = jnp.ones((5, 2))
+    with count_compilations() as first:
+        kernels.empirical_ntk(f1, p1, x, method=method, tile_size=tile_size)
+        kernels.ntk_vp(f1, p1, x, None, v)
+    assert first
+    with count_compilations() as again:
+        k1 = kernels.empirical_ntk(f1, p1, x, method=method, tile_size=tile_size)
+        k2 = kernels.empirical_ntk(f2, p2, x, method=method, tile_size=tile_size)
+        vp = kernels.ntk_vp(f2, p2, x, None, v)
+    assert again == []
+    np.testing.assert_allclose(k2, explicit_ntk(f2, p2, x, x), atol=1e-10 * float(jnp.abs(k2).max()))
+    np.testing.assert_allclose(vp, jnp.einsum("ijkl,jl->ik", k2, v), rtol=1e-10, atol=1e-10)
+    assert not np.allclose(k1, k2)

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax.flatten_util import ravel_pytree
 
-from ntkdyn import dynamics, ntk, sketch
+from ntkdyn import dynamics, kernels
+from ntkdyn.kernels import sketch
 
 
 def rand(seed, shape):
@@ -66,7 +67,7 @@ def test_responses_are_exact_jvps_of_the_drawn_probes(small):
     assert probes.directions.shape == (16, jac.shape[1])
     expected = (probes.directions @ jac.T).reshape(16, 4, 2)
     np.testing.assert_allclose(probes.responses, expected, rtol=1e-12, atol=1e-12)
-    sketched = ntk.empirical_ntk(apply_fn, params, x, method="sketch", n_probes=16, seed=5)
+    sketched = kernels.empirical_ntk(apply_fn, params, x, method="sketch", n_probes=16, seed=5)
     omega = probes.directions
     exact_form = jac @ omega.T @ omega @ jac.T / 16
     np.testing.assert_allclose(sketched, _as_full(exact_form, 4, 2), rtol=1e-11, atol=1e-12)
@@ -77,8 +78,8 @@ def test_tiles_share_the_probes(small):
     x2 = rand(2, (5, 3))
     for x_b in (None, x2):
         kw = dict(method="sketch", n_probes=16, seed=3)
-        whole = ntk.empirical_ntk(apply_fn, params, x, x_b, **kw)
-        tiled = ntk.empirical_ntk(apply_fn, params, x, x_b, batch_size=3, **kw)
+        whole = kernels.empirical_ntk(apply_fn, params, x, x_b, **kw)
+        tiled = kernels.empirical_ntk(apply_fn, params, x, x_b, tile_size=3, **kw)
         np.testing.assert_allclose(tiled, whole, rtol=1e-12, atol=1e-13)
 
 
@@ -104,10 +105,10 @@ def test_unbiased_mean_over_many_sketches_is_the_exact_kernel(small, distributio
     n_sketch, k = 3000, 2
     keys = jax.random.split(jax.random.key(7), n_sketch)
     many = jax.vmap(
-        lambda key: ntk.empirical_ntk(apply_fn, params, x, method="sketch", n_probes=k, key=key,
+        lambda key: kernels.empirical_ntk(apply_fn, params, x, method="sketch", n_probes=k, key=key,
                                       distribution=distribution)
     )(keys)
-    flat = jax.vmap(dynamics.flatten_kernel)(many)
+    flat = jax.vmap(kernels.flatten_kernel)(many)
     mean = flat.mean(0)
     # per-entry standard error from the exact single-probe variance
     diag = jnp.diagonal(theta)
@@ -133,7 +134,7 @@ def test_relative_error_falls_like_inverse_sqrt_k(small):
     pool = pool.reshape(n_sketch, 256, 4, 2)
     rms = []
     for k in ks:
-        est = jax.vmap(lambda r: dynamics.flatten_kernel(sketch.kernel_from_probes(r[:k])))(pool)
+        est = jax.vmap(lambda r: kernels.flatten_kernel(sketch.kernel_from_probes(r[:k])))(pool)
         rel2 = jnp.sum((est - theta) ** 2, axis=(1, 2)) / norm2
         np.testing.assert_allclose(k * rel2.mean(), constant, rtol=0.2)
         np.testing.assert_allclose(rel2.mean() * norm2, sketch.expected_squared_error(theta, int(k)), rtol=0.2)
@@ -216,7 +217,7 @@ def test_dynamics_from_sketched_kernels_converge_to_the_exact_ones():
     def run(kernel):
         return dynamics.function_space(kernel[:6, :6], y, f0, times, k_test_train=kernel[6:, :6], fx_test_0=ft0, **kw)
 
-    exact_train, exact_test = run(ntk.empirical_ntk(apply_fn, params, both, method="jacobian"))
+    exact_train, exact_test = run(kernels.empirical_ntk(apply_fn, params, both, method="jacobian"))
     # 4 independent sketches per k from disjoint groups of one pool of probes
     pool = sketch.jvp_probes(apply_fn, params, both, n_probes=4 * 2048, seed=0, probe_batch_size=512).responses
     pool = pool.reshape(4, 2048, 10, 1)
@@ -248,7 +249,7 @@ def test_restore_recovers_the_jacobian_of_a_linear_model_exactly():
     np.testing.assert_allclose(fit.jacobian, jac, atol=1e-12)
     assert int(fit.rank) == 12
     assert float(fit.relative_residual) < 1e-13
-    np.testing.assert_allclose(fit.kernel(), ntk.empirical_ntk(apply_fn, params, x, method="jacobian"), atol=1e-11)
+    np.testing.assert_allclose(fit.kernel(), kernels.empirical_ntk(apply_fn, params, x, method="jacobian"), atol=1e-11)
 
 
 def test_restore_from_blackbox_probes_gives_the_exact_kernel(small):
@@ -258,7 +259,7 @@ def test_restore_from_blackbox_probes_gives_the_exact_kernel(small):
     fit = sketch.restore_jacobian(probes.directions, probes.responses)
     assert int(fit.rank) == n_params
     np.testing.assert_allclose(fit.jacobian.reshape(-1, n_params), jac, atol=1e-8)
-    np.testing.assert_allclose(dynamics.flatten_kernel(fit.kernel()), theta, atol=1e-7 * float(jnp.abs(theta).max()))
+    np.testing.assert_allclose(kernels.flatten_kernel(fit.kernel()), theta, atol=1e-7 * float(jnp.abs(theta).max()))
     # the residual is the central-difference error, far below the signal
     assert float(fit.relative_residual) < 1e-8
 
@@ -272,7 +273,7 @@ def test_restore_on_a_subspace_and_its_residual(small):
     fit = sketch.restore_jacobian(inside, (inside @ jac.T).reshape(15, 4, 2), basis=basis)
     np.testing.assert_allclose(fit.jacobian.reshape(-1, 6), jac @ basis, atol=1e-12)
     assert float(fit.relative_residual) < 1e-12
-    np.testing.assert_allclose(dynamics.flatten_kernel(fit.kernel()), jac @ basis @ basis.T @ jac.T, atol=1e-12)
+    np.testing.assert_allclose(kernels.flatten_kernel(fit.kernel()), jac @ basis @ basis.T @ jac.T, atol=1e-12)
 
     # probes leaving span(B): the fit explains the in-span part, the residual reports the rest
     outside = rand(5, (400, n_params))
@@ -318,7 +319,7 @@ def test_shapes(n1, n2, k_out, n_probes, traced, batch):
     apply_fn = _tanh_linear
     params = jnp.ones((2, k_out)) * 0.3
     x1, x2 = jnp.ones((n1, 2)), jnp.arange(2.0 * n2).reshape(n2, 2) / 5
-    out = sketch.sketched_ntk(apply_fn, params, x1, x2, n_probes=n_probes, trace_outputs=traced, batch_size=batch)
+    out = sketch.sketched_ntk(apply_fn, params, x1, x2, n_probes=n_probes, trace_outputs=traced, tile_size=batch)
     assert out.shape == ((n1, n2) if traced else (n1, n2, k_out, k_out))
     assert bool(jnp.all(jnp.isfinite(out)))
     probes = sketch.jvp_probes(apply_fn, params, x1, n_probes=n_probes)
@@ -330,7 +331,7 @@ def test_shapes(n1, n2, k_out, n_probes, traced, batch):
 def test_bad_n_probes(bad, small):
     apply_fn, params, x, _, _ = small
     with pytest.raises((ValueError, TypeError), match="n_probes"):
-        ntk.empirical_ntk(apply_fn, params, x, method="sketch", n_probes=bad)
+        kernels.empirical_ntk(apply_fn, params, x, method="sketch", n_probes=bad)
     with pytest.raises((ValueError, TypeError), match="n_probes"):
         sketch.blackbox_ntk(apply_fn, params, x, n_probes=bad)
 
@@ -338,7 +339,7 @@ def test_bad_n_probes(bad, small):
 def test_bad_options(small):
     apply_fn, params, x, _, _ = small
     with pytest.raises(TypeError, match="n_probes"):
-        ntk.empirical_ntk(apply_fn, params, x, method="sketch")
+        kernels.empirical_ntk(apply_fn, params, x, method="sketch")
     with pytest.raises(ValueError, match="key, seed"):
         sketch.sketched_ntk(apply_fn, params, x, n_probes=2, seed=1, key=jax.random.key(1))
     with pytest.raises(ValueError, match="distribution"):

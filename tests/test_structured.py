@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import linen, nnx
 
-from ntkdyn import models, structured
+from ntkdyn import models
+from ntkdyn.kernels import structured
 
 from _ntk_oracle import assert_matches, inputs, kinds
 
@@ -79,7 +80,7 @@ def test_conv_uses_jacobian_form_when_positions_are_many():
     f, p = models.cnn((10, 10, 1), 2, channels=(2,), dtype=jnp.float64)
     site = [s for s in structured.plan(f, p, inputs((1, 10, 10, 1))).sites if s.kind == "conv"][0]
     assert site.S == 100
-    assert not structured._uses_gram(site, 6, 6, 2, False)
+    assert not structured.uses_gram(site, 6, 6, 2, False)
     assert_matches(f, p, inputs((6, 10, 10, 1)))
 
 

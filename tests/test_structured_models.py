@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ntkdyn import models, ntk, structured
+from ntkdyn import kernels, models
+from ntkdyn.kernels import structured
+from ntkdyn.kernels.structured import gram
 
 from _ntk_oracle import assert_matches, explicit_ntk, inputs
 
@@ -93,16 +95,16 @@ def test_tiled_structured_equals_oracle_with_odd_sizes():
     f, p = models.mlp(3, 2, width=10, depth=2, dtype=jnp.float64)
     x1, x2 = inputs((11, 3)), inputs((7, 3), seed=1)
     ref = explicit_ntk(f, p, x1, x1)
-    got = ntk.empirical_ntk(f, p, x1, method="structured", batch_size=4)
+    got = kernels.empirical_ntk(f, p, x1, method="structured", tile_size=4)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10 * float(jnp.max(jnp.abs(ref))))
-    got = ntk.empirical_ntk(f, p, x1, x2, method="structured", batch_size=3, trace_outputs=True)
+    got = kernels.empirical_ntk(f, p, x1, x2, method="structured", tile_size=3, trace_outputs=True)
     ref = explicit_ntk(f, p, x1, x2, trace_outputs=True)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10 * float(jnp.max(jnp.abs(ref))))
 
 
 def test_symmetric_row_blocks(monkeypatch):
     # force several row blocks in one symmetric tile (normally ~256 rows each)
-    monkeypatch.setattr(structured, "_SYMMETRIC_BLOCK", 3)
+    monkeypatch.setattr(gram, "_SYMMETRIC_BLOCK", 3)
     structured.structured_tile.clear_cache()
     try:
         f, p = models.mlp(3, 2, width=6, depth=1, dtype=jnp.float64)
@@ -118,7 +120,7 @@ def test_float32_agrees_with_float64_oracle():
     # per entry; 1e-5 of the largest entry leaves a wide margin.
     f, p = models.mlp(8, 2, width=64, depth=2, dtype=jnp.float32)
     x = inputs((9, 8), dtype=jnp.float32)
-    got = ntk.empirical_ntk(f, p, x, method="structured", batch_size=None)
+    got = kernels.empirical_ntk(f, p, x, method="structured", tile_size=None)
     assert got.dtype == jnp.float32
     p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), p)
     ref = explicit_ntk(f, p64, x.astype(jnp.float64), x.astype(jnp.float64))

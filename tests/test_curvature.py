@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax.flatten_util import ravel_pytree
 
-from ntkdyn import curvature, dynamics, ntk
+from ntkdyn import curvature, dynamics, kernels
 
 
 def rand(seed, shape):
@@ -162,7 +162,7 @@ def test_lanczos_full_krylov_is_exact_on_random_symmetric_matrices(dim, seed):
 
 def test_gauss_newton_spectrum_equals_ntk_spectrum_over_n(problem):
     params, x, _, flat, _, _, jac = problem
-    kernel = ntk.empirical_ntk(tanh_mlp, params, x, method="jacobian")
+    kernel = kernels.empirical_ntk(tanh_mlp, params, x, method="jacobian")
     from_ntk = curvature.gauss_newton_eigenvalues_from_ntk(kernel)
     dense_gn = np.sort(np.linalg.eigvalsh(np.asarray(jac.T @ jac / 10)))[::-1]
     assert flat.size > 10  # P > n: G has P − n extra zeros
@@ -174,7 +174,7 @@ def test_gauss_newton_spectrum_equals_ntk_spectrum_over_n(problem):
 
 def test_max_learning_rate_from_either_side(problem):
     params, x, y, *_ = problem
-    kernel = ntk.empirical_ntk(tanh_mlp, params, x, method="jacobian")
+    kernel = kernels.empirical_ntk(tanh_mlp, params, x, method="jacobian")
     from_kernel = dynamics.max_learning_rate(kernel)
     from_curvature = curvature.max_stable_step(tanh_mlp, params, x)
     np.testing.assert_allclose(from_curvature, from_kernel, rtol=1e-9)

@@ -9,7 +9,10 @@
 ``sweep`` runs (or resumes) a width × N × seed grid of real-vs-linearized
 comparisons, appending each point to ``DIR/results.jsonl``, then writes
 ``summary.csv``, ``slopes.csv``, PNG figures and ``report.md``. Another sweep
-on the same ``DIR`` waits for the first (``--no-wait``: refuse instead).
+on the same ``DIR`` waits for the first (``--no-wait``: refuse instead). The
+points run in process (default), on ``--workers N`` local processes, on Ray
+(``--executor ray [--address ADDR]``) or on Slurm (``--executor slurm``,
+``--slurm-*``); this process alone writes ``DIR`` (docs/clusters.md).
 ``report`` re-renders those from ``results.jsonl`` alone. ``compare`` runs one
 configuration and prints its step-by-step table.
 
@@ -27,6 +30,7 @@ import sys
 import warnings
 from typing import Sequence
 
+from ntkdyn.experiments.executors import EXECUTORS, Executor, MissingExtra
 from ntkdyn.experiments.sweep import ResultsLocked, SweepGrid
 
 __all__ = ["main", "build_parser"]
@@ -63,6 +67,51 @@ def _model_args(p: argparse.ArgumentParser, *, many: bool) -> None:
     p.add_argument("--x64", action="store_true", help="run in float64 (enables jax_enable_x64)")
 
 
+def _executor_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the points run (docs/clusters.md; this process alone writes --out)")
+    g.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="local: this process, or --workers local processes; ray: Ray tasks; slurm: a Slurm job "
+                        "array (submitit); submitit-local: submitit's code path as local jobs. ray and submitit "
+                        "come with pip install 'ntkdyn[cluster]'")
+    g.add_argument("--workers", type=int, default=None,
+                   help="points running at the same time (local default 1 = in process; submitit-local and a local "
+                        "Ray: usable cores / --worker-threads; Slurm: the job array's parallelism)")
+    g.add_argument("--worker-threads", type=int, default=None,
+                   help="CPU threads per worker (local processes: cores / workers; Ray, Slurm: 1 = cpus-per-task)")
+    g.add_argument("--address", default=None, help="an existing Ray cluster (auto, host:6379, ray://host:10001)")
+    g.add_argument("--jobs-folder", default=None, help="submitit's pickles and logs (default OUT/submitit)")
+    g.add_argument("--slurm-time", type=int, default=60, help="job time limit in minutes (also the local job timeout)")
+    g.add_argument("--slurm-partition", default=None)
+    g.add_argument("--slurm-account", default=None)
+    g.add_argument("--slurm-qos", default=None)
+    g.add_argument("--slurm-mem", type=float, default=None, help="memory per job in GB")
+    g.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per job")
+    g.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",
+                   help="a shell line run before each job (repeat the option for more lines)")
+
+
+# Executor fields -> the options that set them (error messages name what the user typed)
+_EXECUTOR_FLAGS = {"executor": "--executor", "workers": "--workers", "threads": "--worker-threads",
+                   "address": "--address", "time_min": "--slurm-time", "partition": "--slurm-partition",
+                   "account": "--slurm-account", "qos": "--slurm-qos", "mem_gb": "--slurm-mem",
+                   "gpus": "--slurm-gpus", "setup": "--slurm-setup"}
+
+
+def _executor(args) -> Executor:
+    try:
+        return Executor(
+            kind=args.executor, workers=args.workers, threads=args.worker_threads, address=args.address,
+            folder=args.jobs_folder, time_min=args.slurm_time, partition=args.slurm_partition,
+            account=args.slurm_account, qos=args.slurm_qos, mem_gb=args.slurm_mem, gpus=args.slurm_gpus,
+            setup=tuple(args.slurm_setup),
+        ).resolve()
+    except (ValueError, TypeError) as err:
+        name, sep, rest = str(err).partition(": ")
+        if sep and name in _EXECUTOR_FLAGS:
+            raise type(err)(f"{_EXECUTOR_FLAGS[name]}: {rest}") from err
+        raise
+
+
 class _UsageError(Exception):
     """An argparse error, reported by :func:`main` as one line."""
 
@@ -89,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sw.add_argument("--no-wait", action="store_true",
                     help="if another sweep is using --out, stop with an error instead of waiting for it")
+    _executor_args(sw)
 
     rp = sub.add_parser("report", help="re-render summary.csv, figures and report.md from DIR/results.jsonl")
     rp.add_argument("dir")
@@ -183,14 +233,18 @@ def _cmd_sweep(args) -> int:
 
     _enable_x64(args)
     grid = _grid(args, widths=args.widths, samples=args.samples, seeds=args.seeds, one=False).validate()
+    executor = _executor(args)  # a missing extra or a bad option: one line, before any work
     prepare_output(args.out)  # fail before any work on an unwritable folder
     total = len(grid.points())
-    print(f"ntkdyn sweep: {total} points -> {args.out}/results.jsonl", file=sys.stderr)
-    outcome = sweep(grid, args.out, progress=not args.quiet, wait=not args.no_wait)
+    print(f"ntkdyn sweep: {total} points -> {args.out}/results.jsonl, on {executor.describe()}", file=sys.stderr)
+    outcome = sweep(grid, args.out, progress=not args.quiet, wait=not args.no_wait, executor=executor)
     print(f"ran {outcome.ran}, skipped {outcome.skipped} already finished, failed {len(outcome.failed)}")
     for config, error in outcome.failed:
         print(f"  failed: width={config['width']} N={config['n_train']} seed={config['seed']}: {_one_line(error)}",
               file=sys.stderr)
+    if outcome.failed:
+        print(f"ntkdyn sweep: tracebacks in {args.out}/failures.jsonl; run the same command again to retry the "
+              "failed points", file=sys.stderr)
     if outcome.moved_aside:
         parts = ", ".join(f"{n} {kind}" for kind, n in outcome.moved_aside.items())
         print(f"ntkdyn sweep: warning: moved unusable lines of {args.out}/results.jsonl ({parts}) "
@@ -279,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _warnings_to_stderr(args.command):
             return commands[args.command](args)
-    except (ValueError, TypeError, ResultsLocked, OSError) as err:
+    except (ValueError, TypeError, ResultsLocked, OSError, MissingExtra) as err:
         print(f"ntkdyn {args.command}: error: {_error_text(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -31,9 +31,12 @@ diverging linearized model) are written as the strings ``"inf"``, ``"-inf"``,
 ``"nan"`` so every line is strict JSON.
 
 This is the only module that loops over configurations, and :func:`sweep` is
-the only writer of ``results.jsonl``: points are computed by an executor (today
-in process, one after another: :func:`_run_in_process`) and handed back to the
-driver, which appends them.
+the only writer of the results folder: points are computed by an executor
+(:mod:`ntkdyn.experiments.executors`: in process, local worker processes, Ray,
+Slurm) and handed back to the driver, which appends them as they arrive. A
+point that fails (on a worker or here) is appended to ``failures.jsonl`` with
+its error and a traceback summary, never to ``results.jsonl``, so the next run
+retries it.
 """
 
 from __future__ import annotations
@@ -61,12 +64,14 @@ from ntkdyn import models
 from ntkdyn._version import __version__
 from ntkdyn.dynamics import UnstableLearningRateWarning
 from ntkdyn.experiments.data import DATASETS, Dataset, load_dataset
+from ntkdyn.experiments.executors import Executor, failure_record, resolve_executor, run_points
 
 __all__ = [
     "SweepGrid",
     "SweepOutcome",
     "RESULTS_FILE",
     "REJECTED_FILE",
+    "FAILURES_FILE",
     "LOCK_FILE",
     "CONFIG_FIELDS",
     "MODEL_FAMILIES",
@@ -82,6 +87,7 @@ __all__ = [
 
 RESULTS_FILE = "results.jsonl"
 REJECTED_FILE = "results.rejected.jsonl"
+FAILURES_FILE = "failures.jsonl"  # one line per failed attempt (error, traceback summary, worker); never read back
 LOCK_FILE = ".ntkdyn-sweep.lock"
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
@@ -711,43 +717,36 @@ class SweepOutcome:
     moved_aside: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def _run_in_process(configs: list[dict]) -> Iterator[tuple[dict, dict | None, str | None]]:
-    """The in-process executor: ``(config, record, None)`` or ``(config, None, error)`` per point, in order.
-
-    Another executor (worker processes, a cluster) yields the same triples as
-    its points finish; the driver in :func:`sweep` stays the only writer.
-    """
-    data_cache: dict = {}
-    for config in configs:
-        try:
-            record = run_point(config, data_cache)
-        except Exception as err:  # noqa: BLE001 - one bad point must not end the sweep
-            yield config, None, f"{type(err).__name__}: {err}"
-        else:
-            yield config, record, None
-
-
-def sweep(grid: SweepGrid, out: str | os.PathLike, *, progress: bool = False, wait: bool = True) -> SweepOutcome:
+def sweep(grid: SweepGrid, out: str | os.PathLike, *, progress: bool = False, wait: bool = True,
+          executor: Executor | str | None = None) -> SweepOutcome:
     """Run every point of ``grid`` not yet in ``<out>/results.jsonl``; append each as it finishes.
 
     The grid and the folder are checked before any work (ValueError for an
     empty or invalid grid, an unwritable folder). The folder's lock is held
     from before reading the results until the last append: a second sweep on
     the same folder waits (a message on stderr) or, with ``wait=False``,
-    raises :class:`ResultsLocked` without touching anything. A point that
-    raises is reported in ``failed`` and not written, so the next run retries
-    it; Ctrl-C stops at once and loses only the running point. OSError while
-    writing (disk full) propagates; the lines already written stay.
+    raises :class:`ResultsLocked` without touching anything. The points run
+    on ``executor`` and come back to this process, the only writer, which
+    appends each as it arrives. A point that raises (here or on a worker) is
+    reported in ``failed`` and appended to ``failures.jsonl`` (error and
+    traceback summary), not to ``results.jsonl``, so the next run retries it;
+    Ctrl-C stops at once, cancels the queued and running points and loses
+    only those. OSError while writing (disk full) propagates; the lines
+    already written stay.
 
     Args:
       grid: the configurations.
       out: results folder (created if needed).
       progress: show a tqdm bar that advances per point.
       wait: wait for another sweep holding the folder (default) or raise.
+      executor: where the points run: an :class:`~ntkdyn.experiments.executors.Executor`,
+        a kind name (``"local"``, ``"ray"``, ``"slurm"``, ``"submitit-local"``) or
+        None (in this process, one after another). Checked before any work.
     """
     if not isinstance(grid, SweepGrid):
         raise TypeError(f"grid: expected a SweepGrid, got {type(grid).__name__}")
     points = grid.validate().points()
+    executor = resolve_executor(executor)
     out = prepare_output(out)
     path = out / RESULTS_FILE
     failed: list[tuple[dict, str]] = []
@@ -766,11 +765,13 @@ def sweep(grid: SweepGrid, out: str | os.PathLike, *, progress: bool = False, wa
 
             bar = tqdm(total=len(points), initial=skipped, unit="point", dynamic_ncols=True)
         try:
-            for config, record, error in _run_in_process(todo):
-                if record is None:
-                    failed.append((config, error))
+            for result in run_points(todo, executor, out=out):
+                config = result.config
+                if result.record is None:
+                    failed.append((config, result.error))
+                    _append(out / FAILURES_FILE, failure_record(result))
                 else:
-                    _append(path, record)
+                    _append(path, result.record)
                 if bar is not None:
                     bar.set_postfix_str(
                         f"width={config['width']} N={config['n_train']} seed={config['seed']} "

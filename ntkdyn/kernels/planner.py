@@ -131,7 +131,7 @@ def method_cost(name: str, model, params, x1, x2, trace_outputs: bool, options: 
     try:
         hash(opts)
     except TypeError:  # an unhashable option value: plan without the cache
-        return method.cost(*(None if s is None else costs.from_signature(s) for s in sigs), trace_outputs, **options)
+        return method.cost(*(None if s is None else costs.from_signature(s) for s in sigs), trace_outputs, **dict(opts))
     return _cached_cost(name, *sigs, trace_outputs, opts)
 
 

@@ -271,6 +271,24 @@ def test_defaults_do_not_oversubscribe_the_cores():
     assert executors._slots([0, 1], 3, 1) == [[0], [1], [0]]
 
 
+def test_the_extras_are_imported_only_when_chosen():
+    check = ("import sys, ntkdyn.experiments.cli, ntkdyn.experiments.executors as ex\n"
+             "ex.Executor('local', workers=2).resolve()\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'submitit')))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_describe_says_where_the_points_run():
+    assert Executor().describe() == "local (in process)"
+    assert Executor("local", workers=2, threads=1).describe() == "local (worker processes, 2 points at a time, 1 thread each)"
+    assert Executor("ray", address="auto", threads=2).describe() == (
+        "ray (the cluster at auto, as many points at a time as it schedules, 2 threads each)")
+
+
 def test_worker_environment_sets_threads_and_keeps_user_xla_flags():
     env = worker_environment(1, {"XLA_FLAGS": "--xla_dump_to=/tmp/d"})
     assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"

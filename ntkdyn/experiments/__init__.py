@@ -12,6 +12,8 @@ One direction of flow, each module importing only those before it::
   :class:`Comparison`).
 * :mod:`~ntkdyn.experiments.sweep`: resumable, locked grids of comparisons
   (``sweep.sweep``, :class:`SweepGrid`), the only writer of ``results.jsonl``.
+* :mod:`~ntkdyn.experiments.executors`: where a sweep's points run (in process,
+  local worker processes, Ray, Slurm via submitit; :class:`Executor`).
 * :mod:`~ntkdyn.experiments.report`: CSV tables, figures and ``report.md``
   from ``results.jsonl`` alone (:func:`write_report`).
 * :mod:`~ntkdyn.experiments.cli`: the ``ntkdyn`` command.
@@ -22,7 +24,7 @@ shadows a module. matplotlib, tqdm and scikit-learn are imported only inside
 the functions that draw, show progress or read the digits.
 """
 
-from ntkdyn.experiments import compare, data, report, sweep, train
+from ntkdyn.experiments import compare, data, executors, report, sweep, train
 from ntkdyn.experiments.compare import Comparison
 from ntkdyn.experiments.data import Dataset, load_dataset
 from ntkdyn.experiments.report import write_report
@@ -34,6 +36,7 @@ __all__ = [
     "train",
     "compare",
     "sweep",
+    "executors",
     "report",
     "Dataset",
     "load_dataset",

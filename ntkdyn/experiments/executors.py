@@ -205,16 +205,16 @@ class Executor:
         return self.kind == "local" and (self.workers or 1) == 1
 
     def describe(self) -> str:
-        """One line for the command line, e.g. ``"ray (local instance, 2 workers × 1 thread)"``."""
+        """One line for the command line, e.g. ``"ray (a local instance, 2 points at a time, 1 thread each)"``."""
         ex = self.resolve()
         if ex.in_process:
             return "local (in process)"
-        threads = f"{ex.threads} thread{'s' if ex.threads != 1 else ''}"
-        workers = "as many workers as it schedules" if ex.workers is None else f"{ex.workers} workers"
-        where = {"local": "local processes", "submitit-local": "submitit local jobs",
-                 "ray": f"cluster {ex.address}" if ex.address else "local instance",
-                 "slurm": "job array" + (f" on partition {ex.partition}" if ex.partition else "")}[ex.kind]
-        return f"{ex.kind} ({where}, {workers} × {threads})"
+        threads = f"{ex.threads} thread{'s' if ex.threads != 1 else ''} each"
+        at_once = "as many points at a time as it schedules" if ex.workers is None else f"{ex.workers} points at a time"
+        where = {"local": "worker processes", "submitit-local": "submitit local jobs",
+                 "ray": f"the cluster at {ex.address}" if ex.address else "a local instance",
+                 "slurm": "a job array" + (f" on partition {ex.partition}" if ex.partition else "")}[ex.kind]
+        return f"{ex.kind} ({where}, {at_once}, {threads})"
 
 
 def _require(module: str, kind: str):

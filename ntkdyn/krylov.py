@@ -20,15 +20,33 @@ and every function of A applied to r₀ is taken from that one basis:
 
     f(A) r₀ ≈ ‖r₀‖ Q_k f(T_k) e₁ = ‖r₀‖ Q_k S diag(f(θ)) Sᵀ e₁,
 
-for all times at once (only the k-vector ``f(θ)`` depends on t). The Ritz
-values θ get exactly the treatment the eigenvalues get on the exact path
-(:func:`ntkdyn.spectral.spectrum`): round-off negatives clip to 0 and every
-``θ ≤ rcond · θ_max`` is an exact zero (E = 1, G = 0). The approximation is
-exact (to round-off) once the Krylov space is invariant (a "happy breakdown",
-at the latest after m steps) and otherwise converges like a polynomial
-approximation of f on the spectrum: quickly for ``E(t)`` and ``G(t)`` at
-moderate ``ηλ_max t/n``, slowly when t is huge and the spectrum reaches far
-below ``λ_max · n/(ηt)``.
+for all times at once (only the k-vector ``f(θ)`` depends on t), by the same
+per-mode functions as the exact path (:func:`ntkdyn.spectral.modes`: both
+clocks, heavy-ball momentum). The approximation is exact (to round-off) once
+the Krylov space is invariant (a "happy breakdown", at the latest after m
+steps) and otherwise converges like a polynomial approximation of f on the
+spectrum: quickly for ``E(t)`` and ``G(t)`` at moderate ``ηλ_max t/n`` (a
+few dozen steps for an MLP's NTK at t = 1000, N = 10⁴), slowly when the
+spectrum reaches far below ``λ_max · n/(ηt)``.
+
+The cut-off. Round-off negative Ritz values clip to 0 at every t. At t = ∞ the
+Ritz values ``θ ≤ rcond · θ_max`` (default ``rcond = N·K·eps``, as on the
+exact path and in ``numpy.linalg.pinv``) are exact zeros (E = 1, G = 0): the
+pseudo-inverse semantics of :func:`ntkdyn.spectral.spectrum`, which the limit
+needs. At finite t no Ritz value is cut: ``0 ≤ F ≤ 1`` and ``0 ≤ G ≤ ηt/n`` are
+bounded, smooth functions of λ ≥ 0 (G(0) = ηt/n), so nothing amplifies
+round-off; cutting there would make the answer jump whenever a Ritz value of
+the still unresolved low spectrum crosses the threshold, and the iteration
+would never settle (measured: MLP 2×256, N = 10⁴, float32, where the default
+cut-off is 1.2·10⁻³ λ_max — 500 steps without convergence with the cut, 30
+steps to an estimate of 5·10⁻⁵ without). This differs from the exact path,
+which also freezes the modes below its cut-off at finite t, by at most
+``F(rcond·λ_max, t)`` times the part of ``r₀`` on those modes — nothing in
+float64, and in float32 nothing while ``η·rcond·λ_max·t/n ≪ 1``; beyond that
+the frozen modes are a property of the exact path's cut-off, not of the
+data (docs/scale.md has the numbers). Times so large that even the modes at
+the cut-off are fitted (``t ≳ n/(η·rcond·λ_max)``) are the limit: pass
+``t = inf`` there.
 
 Reliability in float32: the basis is kept orthonormal by *full*
 reorthogonalization (classical Gram-Schmidt, twice, against every stored
@@ -36,35 +54,50 @@ vector), so no spurious copies of converged Ritz values appear; memory
 ``(max_iter + 1) · m`` values.
 
 Error estimate and stopping rule: every ``check_every`` steps the coefficient
-vectors ``c_F(t) = ‖r₀‖ f(T_k) e₁`` (and ``c_G``) are compared with those of the
-previous check; because Q is orthonormal, the change of the approximation is
-the change of its coefficients,
+vectors ``c_F(t) = ‖r₀‖ F(T_k, t) e₁`` and ``c_G(t)`` are compared with those of
+the previous check; because Q is orthonormal, and ``Q_kᵀ (Θ + reg·I) Q_k = T_k``,
+the change of the approximation is measured on the coefficients alone,
 
-    est_out(t)   = ‖c_F,k(t) − c_F,k'(t)‖ / ‖r₀‖     (train/test outputs, relative to the initial residual)
-    est_alpha(t) = ‖c_G,k(t) − c_G,k'(t)‖ / ‖c_G,k(t)‖  (α_t and the Eq. 8 weights, relative)
+    est_out(t)   = ‖Δc_F(t)‖ / ‖r₀‖                        (train outputs, relative to the initial residual)
+    est_alpha(t) = ‖Δc_G(t)‖_{T−reg} / ‖c_G(t)‖_{T−reg}     (α_t as a change of the weights, ‖Jᵀ·‖, relative)
 
-— the distance between two successive approximations, which bounds the error
-of the earlier one for a converging sequence and therefore overestimates the
-error of the returned one. The reported estimate per time is
-``max(est_out, est_alpha, k·eps)`` (``k·eps``: the round-off floor of a
-k-step full-reorthogonalization Lanczos); the iteration stops when it is at or
-below ``tol`` for every time, when the Krylov space is invariant (then the
-estimate is the round-off floor), or after ``max_iter`` steps (then
-:class:`KrylovConvergenceWarning` reports the estimate that was achieved).
+with ``‖x‖²_{T−reg} = xᵀ (T_k − reg·I) x = ‖Jᵀ Q_k x‖²``: the weights
+``θ₀ − Jᵀ α_t`` (Eq. 8) and, through ``|J(x*) Jᵀ δα| ≤ ‖J(x*)‖ ‖Jᵀ δα‖``,
+the test outputs (Eq. 10) see α in this norm — not in the Euclidean one,
+which is dominated by the modes with the smallest λ, where ``G ≈ ηt/n`` is
+largest and least visible. Each is the distance between two successive
+approximations, which bounds the error of the earlier one for a converging
+sequence and therefore overestimates the error of the returned one. The
+iteration stops when both are at or below ``tol`` for every time, when the
+Krylov space is invariant (the answer is then exact up to round-off), or
+after ``max_iter`` steps (then :class:`KrylovConvergenceWarning` reports the
+estimate that was achieved). The reported estimate per time adds the
+round-off floor, ``max(est_out, est_alpha, k·eps·√κ_t)`` with
+``κ_t = max(1, θ_max · max_θ G(θ, t))`` — how much α_t amplifies round-off:
+about ``ηθ_max t/n`` at moderate t, the condition number θ_max/θ_min at
+t = ∞ (a heuristic: k·eps for a k-step full-reorthogonalization Lanczos,
+times the square root of the worst-case amplification, which measured
+errors stay below). When the floor alone is above ``tol`` the solve still
+counts as converged — more steps cannot help; the estimate says how
+accurate the answer can be in this dtype (the exact path has the same
+limit but does not report it).
 
 t = ∞ and singular kernels: ``G(θ, ∞) = 1/θ`` above the cut-off and 0 at or
 below it, so ``α_∞`` is the Lanczos (conjugate-gradient) approximation of the
 cut pseudo-inverse ``A⁺_c r₀`` and the train residual ``E(∞) r₀`` the part of
 ``r₀`` along the cut modes. When A is exactly singular (duplicate inputs,
 conflicting targets) the component of ``r₀`` in the null space produces one
-Ritz value that converges to 0 and is cut: the result is the minimum-norm
-least-squares solution of ``A α = r₀`` over the modes above the cut-off (the
-exact path's answer) and the train residual converges to the projection of
-``r₀`` onto the null space. When the spectrum has no gap at the cut-off (a
-float32 kernel with eigenvalues decaying smoothly through ``rcond · λ_max``)
-the Ritz values near the cut-off converge slowly and so does the answer; the
+Ritz value that converges to 0 and is cut: ``α_∞`` is the minimum-norm
+least-squares solution ``A⁺ r₀`` (it lies in the range of A: the exact path's
+answer), the train residual ``E(∞) r₀`` is the projection of ``r₀`` onto the
+null space, and the Eq. 8 weights move only along the range. This is
+Lanczos' form of conjugate gradients on the consistent part of ``A α = r₀``:
+the null-space component of ``r₀`` is carried by its own Ritz value and never
+divided by. When the spectrum has no gap at the cut-off (eigenvalues decaying
+smoothly through ``rcond · λ_max``, the usual case for an NTK at large N) the
+Ritz values near the cut-off converge slowly and so does ``α_∞``; the
 estimate then stays above ``tol`` and the warning says so — never a silent
-wrong answer.
+wrong answer. ``diag_reg > 0`` gives the limit a well-conditioned kernel.
 
 Columns: ``r₀`` is an (m, c) array of c independent right-hand sides sharing
 one operator call per step (c = 1 for the full kernel on the flattened (N·K,)
@@ -109,18 +142,20 @@ class KrylovInfo:
     Attributes:
       iterations: () int, Lanczos steps taken (= operator products).
       error_estimate: (T,) estimated relative error per time,
-        ``max(est_out, est_alpha, k·eps)`` (module docstring).
+        ``max(est_out, est_alpha, k·eps·√κ_t)`` (module docstring).
       output_error_estimate: (T,) ``est_out``: change of the fitted outputs
         relative to ``‖r₀‖``.
-      alpha_error_estimate: (T,) ``est_alpha``: relative change of ``α_t``.
-      converged: () bool, every time at or below ``tol`` (or an invariant
-        Krylov space was found).
+      alpha_error_estimate: (T,) ``est_alpha``: relative change of ``Jᵀ α_t``
+        (the Eq. 8 weight change).
+      converged: () bool, the iterates settled: ``est_out`` and ``est_alpha``
+        at or below ``tol`` at every time (or an invariant Krylov space was
+        found).
       invariant: () bool, the Krylov space became invariant (exact answer).
-      ritz_values: (c, max_iter) the Ritz values θ (descending is not
-        guaranteed; padding entries are negative), after the cut-off.
+      ritz_values: (c, max_iter) the Ritz values θ of the last check,
+        ascending per column; ``-1`` marks unused slots.
       max_eigenvalue: () the largest Ritz value, a lower bound on ``λ_max(A)``
         that converges first.
-      cutoff: () the absolute cut-off ``rcond · θ_max``.
+      cutoff: () the absolute cut-off ``rcond · θ_max`` (applied at t = ∞).
       reg: () the absolute regularizer in ``A = Θ + reg·I``.
       tol: the requested relative tolerance (static).
       max_iter: the iteration limit (static).
@@ -207,26 +242,51 @@ def _mode_functions(lam, t, *, learning_rate, n, time, momentum):
 
 
 def _coefficients(alphas, betas, k, scale, beta0, times, *, lr, n, time, momentum, rcond):
-    """Coefficients ``‖r₀‖ f(T_k) e₁`` of F and G in the basis Q, (T, M, c) each, and the Ritz data."""
+    """Coefficients ``‖r₀‖ f(T_k) e₁`` of F and G in the basis Q, (T, M, c) each, and the Ritz data.
+
+    Finite t: every Ritz value as it is (round-off negatives clipped to 0);
+    t = ∞: Ritz values at or below ``rcond · θ_max`` are exact zeros (module docstring).
+    """
     theta, vecs, live = _ritz(alphas, betas, k, scale)
     theta_max = jnp.max(jnp.where(live, theta, 0.0))
     cutoff = jnp.asarray(rcond, theta.dtype) * theta_max
-    null = (~live) | (theta <= cutoff)
-    lam = jnp.where(null, 0.0, jnp.maximum(theta, 0.0))  # (c, M)
-    fitted, gain = _mode_functions(lam, times, learning_rate=lr, n=n, time=time, momentum=momentum)
-    fitted = jnp.where(null[None], 0.0, fitted)  # (T, c, M)
-    gain = jnp.where(null[None], 0.0, gain)
+    lam = jnp.where(live, jnp.maximum(theta, 0.0), 0.0)  # (c, M)
+    null = (~live) | (lam <= cutoff)
+    infinite = jnp.isinf(times)
+    fitted, gain = _mode_functions(lam, jnp.where(infinite, 0.0, times), learning_rate=lr, n=n, time=time,
+                                   momentum=momentum)
+    fitted_inf, gain_inf = _mode_functions(jnp.where(null, 0.0, lam), jnp.full((1,), jnp.inf, times.dtype),
+                                           learning_rate=lr, n=n, time=time, momentum=momentum)
+    at_inf = infinite[:, None, None]
+    fitted = jnp.where(at_inf, jnp.where(null[None], 0.0, fitted_inf), jnp.where(live[None], fitted, 0.0))
+    gain = jnp.where(at_inf, jnp.where(null[None], 0.0, gain_inf), jnp.where(live[None], gain, 0.0))
     first = vecs[:, 0, :] * beta0[:, None]  # (c, M): ‖r₀‖ Sᵀ e₁
     c_fit = jnp.einsum("cji,tci,ci->tjc", vecs, fitted, first, precision=_HIGHEST)
     c_gain = jnp.einsum("cji,tci,ci->tjc", vecs, gain, first, precision=_HIGHEST)
     live_rows = (jnp.arange(alphas.shape[0]) < k)[None, :, None]
     ritz = jnp.where(live, theta, -1.0)
-    return jnp.where(live_rows, c_fit, 0.0), jnp.where(live_rows, c_gain, 0.0), ritz, theta_max, cutoff
+    # how much α_t can amplify round-off: θ_max · max G(θ, t) (κ at t = ∞, about ηθ_max t/n before)
+    amplification = jnp.maximum(1.0, theta_max * jnp.max(gain, axis=(1, 2)))
+    return (jnp.where(live_rows, c_fit, 0.0), jnp.where(live_rows, c_gain, 0.0), ritz, theta_max, cutoff,
+            amplification)
 
 
 # --------------------------------------------------------------------------- #
 # Lanczos with full reorthogonalization
 # --------------------------------------------------------------------------- #
+
+
+def _energy(x: jax.Array, alphas: jax.Array, betas: jax.Array, k, reg) -> jax.Array:
+    """Per time: ``Σ_c xᵀ (T_k − reg·I) x`` for coefficient blocks x (T, M, c), clipped at 0.
+
+    For ``v = Q_k x`` this is ``vᵀ Θ v = ‖Jᵀ v‖²`` (Lanczos: ``Q_kᵀ (Θ + reg·I) Q_k = T_k``):
+    the squared size of ``v`` as a change of the weights.
+    """
+    idx = jnp.arange(alphas.shape[0])[:, None]
+    diag = jnp.where(idx < k, alphas - reg, 0.0)
+    off = jnp.where(idx < k - 1, betas, 0.0)[:-1]
+    quad = jnp.sum(diag * x * x, axis=(1, 2)) + 2.0 * jnp.sum(off * x[:, :-1] * x[:, 1:], axis=(1, 2))
+    return jnp.maximum(quad, 0.0)
 
 
 def _norm_sq(x: jax.Array, axes) -> jax.Array:
@@ -359,20 +419,23 @@ def lanczos_dynamics(
 
     def check(state):
         k = state["j"]
-        c_fit, c_gain, ritz, theta_max, cutoff = _coefficients(
+        c_fit, c_gain, ritz, theta_max, cutoff, amplification = _coefficients(
             state["alphas"], state["betas"], k, state["scale"], beta0, times, **coeffs
         )
         est_out = _relative_change(c_fit, state["c_fit"], jnp.sqrt(jnp.sum(beta0 * beta0)))
-        est_alpha = _relative_change(c_gain, state["c_gain"], jnp.sqrt(_norm_sq(c_gain, (1, 2))))
+        energy = lambda x: _energy(x, state["alphas"], state["betas"], k, reg)  # noqa: E731
+        moved, size = jnp.sqrt(energy(c_gain - state["c_gain"])), jnp.sqrt(energy(c_gain))
+        est_alpha = jnp.where(moved > 0, moved / jnp.where(size > 0, size, 1.0), 0.0)
         invariant = jnp.all(state["done"])
-        floor = k.astype(dtype) * eps
-        est = jnp.maximum(jnp.maximum(est_out, est_alpha), floor)
-        est = jnp.where(invariant, floor, est)
+        est_out = jnp.where(invariant, 0.0, est_out)
+        est_alpha = jnp.where(invariant, 0.0, est_alpha)
+        # round-off floor: k·eps for the outputs, k·eps·√(amplification) for α_t in the weights norm
+        floor = k.astype(dtype) * eps * jnp.sqrt(amplification)
         return dict(
             state,
             c_fit=c_fit, c_gain=c_gain, ritz=ritz, theta_max=theta_max, cutoff=cutoff,
-            est=est, est_out=jnp.where(invariant, 0.0, est_out), est_alpha=jnp.where(invariant, 0.0, est_alpha),
-            converged=invariant | jnp.all(est <= tol),
+            est=jnp.maximum(jnp.maximum(est_out, est_alpha), floor), est_out=est_out, est_alpha=est_alpha,
+            converged=invariant | jnp.all(jnp.maximum(est_out, est_alpha) <= tol),
         )
 
     def body(state):
@@ -572,6 +635,39 @@ def predict_operator(
     x: jax.Array,
     y: jax.Array,
     times: jax.Array,
+    **options,
+) -> KrylovPrediction:
+    """The linearized trajectory from Lanczos on the NTK operator, never forming the kernel.
+
+    Inputs are assumed validated (:func:`ntkdyn.predict` does it): ``model`` a
+    :class:`~ntkdyn.models.Model`, ``x`` (N, ...), ``y`` (N, K), ``times`` 1-D.
+    Examples are padded to a multiple of ``devices · tile_size`` with
+    zero-weight rows and split over ``mesh`` (:mod:`ntkdyn.kernels.sharding`);
+    every returned array is replicated on every device (and process) and
+    trimmed to the real rows.
+
+    Keyword options (those of :func:`ntkdyn.predict`, with the Krylov ones):
+      x_test, learning_rate, diag_reg, diag_reg_absolute, time, momentum,
+      trace_outputs, weights, rcond;
+      tol, max_iter: stopping rule (:func:`lanczos_dynamics`);
+      mesh: a :class:`jax.sharding.Mesh` (examples split over all its axes)
+        or None for every device;
+      tile_size: rows per VJP/JVP call on each device (default: up to 4096);
+      precision: matmul precision the program is traced with.
+
+    Returns:
+      :class:`KrylovPrediction`.
+    """
+    program, args, static = prediction_program(model, params, x, y, times, **options)
+    return KrylovPrediction(**program(*args, **static))
+
+
+def prediction_program(
+    model,
+    params,
+    x: jax.Array,
+    y: jax.Array,
+    times: jax.Array,
     *,
     x_test: jax.Array | None = None,
     learning_rate=1.0,
@@ -587,26 +683,12 @@ def predict_operator(
     mesh=None,
     tile_size: int | None = None,
     precision: str = "highest",
-) -> KrylovPrediction:
-    """The linearized trajectory from Lanczos on the NTK operator, never forming the kernel.
+):
+    """``(program, args, static)`` with ``program(*args, **static)`` the whole sharded Krylov prediction.
 
-    Inputs are assumed validated (:func:`ntkdyn.predict` does it): ``model`` a
-    :class:`~ntkdyn.models.Model`, ``x`` (N, ...), ``y`` (N, K), ``times`` 1-D.
-    Examples are padded to a multiple of ``devices · tile_size`` with
-    zero-weight rows and sharded over ``mesh`` (:mod:`ntkdyn.kernels.sharding`);
-    every returned array is replicated on every device (and process) and
-    trimmed to the real rows.
-
-    Args:
-      tol, max_iter: stopping rule (:func:`lanczos_dynamics`).
-      mesh: a :class:`jax.sharding.Mesh` (examples are split over all its
-        axes) or None for every device.
-      tile_size: rows per VJP/JVP call on each device (default: up to 4096).
-      precision: matmul precision the operator is traced with.
-      The other arguments are those of :func:`ntkdyn.predict`.
-
-    Returns:
-      :class:`KrylovPrediction`.
+    What :func:`predict_operator` runs (arguments as there), for inspection:
+    ``program.lower(*args, **static).as_text()`` is the program every device
+    executes. The data are padded, and placed on the mesh, here.
     """
     from ntkdyn.kernels import sharding
 
@@ -617,12 +699,12 @@ def predict_operator(
     tile = default_tile(n_local) if tile_size is None else _validate.count("tile_size", tile_size)
     tile = int(min(tile, max(n_local, 1)))
     params_size = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(params))
-    trace_tile = _divisor_at_most(tile, max(1, 2**22 // max(1, params_size * outputs)))
+    trace_tile = _divisor_at_most(tile, max(1, 2**24 // max(1, params_size * outputs)))
     n_pad = sharding.padded_size(n_train, mesh, tile)
     spec = sharding.example_spec(mesh)
     x_p = sharding.place(sharding.pad_rows(x, n_pad), mesh, spec)
     mask = sharding.place(sharding.row_mask(n_train, n_pad, dtype), mesh, spec)
-    y_p = sharding.place(sharding.pad_rows(jnp.asarray(y, dtype), n_pad), mesh, spec)
+    y_p = sharding.place(sharding.pad_rows(jnp.asarray(y).astype(dtype), n_pad), mesh, spec)
     xt_p = mt = None
     n_test = 0
     if x_test is not None:
@@ -635,15 +717,17 @@ def predict_operator(
     rep = lambda a: sharding.place(a, mesh, PartitionSpec())  # noqa: E731
     rcond = spectral.default_rcond(n_train * outputs, dtype) if rcond is None else float(rcond)
     use_mean_diagonal = bool(not diag_reg_absolute and (not _validate.is_concrete(diag_reg) or float(diag_reg) != 0.0))
-    out = _pipeline_jit(
-        jax.tree_util.tree_map(rep, model), jax.tree_util.tree_map(rep, params), x_p, mask, y_p, xt_p, mt, rep(jnp.asarray(times, dtype)),
-        rep(jnp.asarray(learning_rate, dtype)), rep(jnp.asarray(diag_reg, dtype)),
+    args = (
+        jax.tree_util.tree_map(rep, model), jax.tree_util.tree_map(rep, params), x_p, mask, y_p, xt_p, mt,
+        rep(jnp.asarray(times, dtype)), rep(jnp.asarray(learning_rate, dtype)), rep(jnp.asarray(diag_reg, dtype)),
+    )
+    static = dict(
         n_train=n_train, n_test=n_test, trace_outputs=bool(trace_outputs), time=time, momentum=float(momentum),
         diag_reg_absolute=bool(diag_reg_absolute), use_mean_diagonal=use_mean_diagonal, rcond=rcond,
         tol=default_tol(dtype) if tol is None else float(tol), max_iter=max_iter, mesh=mesh, tile=tile,
         trace_tile=trace_tile, weights=bool(weights), precision=precision,
     )
-    return KrylovPrediction(**out)
+    return _pipeline_jit, args, static
 
 
 def _divisor_at_most(n: int, limit: int) -> int:

@@ -1,5 +1,7 @@
 """``ntkdyn.predict`` end to end, and the model builders it is usually given."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,19 +100,50 @@ def test_predict_bad_input(data):
         ntkdyn.predict(p, jnp.zeros((0, 4)), y[:0], 1.0, apply_fn=f)
 
 
-def test_repeated_predict_on_one_module_reuses_compiled_tiles(data):
-    x, y, _ = data
-    model = models.MLP(4, 2, width=8, depth=1, rngs=nnx.Rngs(0), dtype=jnp.float64)
-    f1, _ = models.as_apply_fn(model)
-    f2, _ = models.as_apply_fn(model)
-    assert f1 == f2 and hash(f1) == hash(f2)
-    other, _ = models.as_apply_fn(models.MLP(4, 2, width=8, depth=1, rngs=nnx.Rngs(1), dtype=jnp.float64))
-    assert ntkdyn.predict(model, x, y, 1.0).fx_train.shape == (9, 2)
-    # same graph and parameter structure, different module: still a correct (separate) kernel
-    k_other = ntkdyn.empirical_ntk(other, models.as_apply_fn(models.MLP(4, 2, width=8, depth=1, rngs=nnx.Rngs(1),
-                                                                     dtype=jnp.float64))[1], x)
-    k_model = ntkdyn.empirical_ntk(f1, models.as_apply_fn(model)[1], x)
-    assert not np.allclose(k_other, k_model)
+class _CompileCounter(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record):
+        if record.getMessage().startswith("Compiling "):
+            self.count += 1
+
+
+def _compiles(fn):
+    """How many XLA compilations ``fn()`` triggers."""
+    counter = _CompileCounter()
+    loggers = [logging.getLogger(name) for name in ("jax._src.interpreters.pxla", "jax._src.dispatch")]
+    for logger in loggers:
+        logger.addHandler(counter)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        fn()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        for logger in loggers:
+            logger.removeHandler(counter)
+    return counter.count
+
+
+@pytest.mark.parametrize("solver", ["eigh", "krylov"])
+def test_repeated_predict_reuses_compiled_programs(data, solver):
+    """A second module of the same architecture (other weights) runs the programs compiled for the first."""
+    x, y, xt = data
+    first = models.MLP(4, 2, width=8, depth=1, rngs=nnx.Rngs(0), dtype=jnp.float64)
+    second = models.MLP(4, 2, width=8, depth=1, rngs=nnx.Rngs(1), dtype=jnp.float64)
+    f1, _ = models.as_apply_fn(first)
+    f2, _ = models.as_apply_fn(second)
+    assert jax.tree_util.tree_structure(f1) == jax.tree_util.tree_structure(f2)  # the graph is the static part
+    ts = jnp.array([1.0, 10.0])
+    kw = dict(x_test=xt, weights=True, solver=solver)
+    a = ntkdyn.predict(first, x, y, ts, **kw)
+    assert _compiles(lambda: ntkdyn.predict(second, x, y, ts, **kw)) == 0
+    b = ntkdyn.predict(second, x, y, ts, **kw)
+    assert not np.allclose(a.fx_test, b.fx_test)  # a separate, correct answer for the other weights
+    k = ntkdyn.empirical_ntk(f2, models.as_apply_fn(second)[1], x)
+    np.testing.assert_allclose(b.fx_train, ntkdyn.function_space(k, y, f2(models.as_apply_fn(second)[1], x), ts)[0],
+                               atol=1e-7)
 
 
 # --------------------------------------------------------------------------- #

@@ -178,6 +178,7 @@ def empirical_ntk(
     tile_size: int | str | None = "auto",
     memory_limit: float | None = None,
     precision: str | jax.lax.Precision = "highest",
+    mesh=None,
     **method_options,
 ) -> jax.Array:
     """Empirical NTK ``Θ(x1, x2) = J(x1) J(x2)ᵀ`` at ``params``.
@@ -207,6 +208,10 @@ def empirical_ntk(
       precision: matmul precision of everything traced inside, the model
         included (a :class:`jax.lax.Precision` or ``"default"``, ``"high"``,
         ``"highest"``); ``"highest"`` keeps float32 exact on GPUs (no TF32).
+      mesh: a :class:`jax.sharding.Mesh`: the rows of Θ are computed on its
+        devices (x1 split over all its axes, x2 replicated) and returned as a
+        row-sharded array (replicated when N1 is not a multiple of the device
+        count: :func:`ntkdyn.kernels.sharding.kernel_rows`). Default None: one device.
       **method_options: keywords of the chosen method (``"sketch"``:
         ``n_probes``, ``key`` / ``seed``, ``distribution``, ``probe_batch_size``).
 
@@ -225,6 +230,11 @@ def empirical_ntk(
     method, tile_size = _resolve(
         model, params, x1, x2, symmetric, k, trace_outputs, method, tile_size, memory_limit, method_options
     )
+    if mesh is not None:
+        from ntkdyn.kernels import sharding
+
+        return sharding.kernel_rows(METHODS[method].tile, model, params, x1, x2, mesh=mesh, tile_size=tile_size,
+                                    trace_outputs=trace_outputs, precision=precision, options=method_options)
     tile = functools.partial(
         METHODS[method].tile, model, params, trace_outputs=trace_outputs, precision=precision, **method_options
     )

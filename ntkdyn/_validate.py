@@ -239,21 +239,20 @@ def _real_scalar(name: str, value, kind: str):
 
 def positive_scalar(name: str, value):
     """A finite real scalar > 0 (Python, NumPy or JAX; traced values pass unchecked)."""
-    _real_scalar(name, value, "a positive float")
-    if is_concrete(value):
-        v = float(np.asarray(value, dtype=np.float64))
-        if not np.isfinite(v) or v <= 0:
-            raise ValueError(f"{name}: expected a finite value > 0, got {v}")
-    return value
+    return _signed_scalar(name, value, strict=True)
 
 
 def nonnegative_scalar(name: str, value):
     """A finite real scalar >= 0 (Python, NumPy or JAX; traced values pass unchecked)."""
-    _real_scalar(name, value, "a float >= 0")
+    return _signed_scalar(name, value, strict=False)
+
+
+def _signed_scalar(name: str, value, *, strict: bool):
+    _real_scalar(name, value, "a positive float" if strict else "a float >= 0")
     if is_concrete(value):
         v = float(np.asarray(value, dtype=np.float64))
-        if not np.isfinite(v) or v < 0:
-            raise ValueError(f"{name}: expected a finite value >= 0, got {v}")
+        if not np.isfinite(v) or v < 0 or (strict and v == 0):
+            raise ValueError(f"{name}: expected a finite value {'>' if strict else '>='} 0, got {v}")
     return value
 
 

@@ -76,11 +76,12 @@ class _Problem(NamedTuple):
     rcond: float
     momentum: float
     scalar_t: bool
+    time: str
 
 
 def _problem(
-    k_train_train, y_train, fx_train_0, t, *, k_test_train, fx_test_0, learning_rate, diag_reg, rcond, time,
-    momentum,
+    k_train_train, y_train, fx_train_0, t, *, k_test_train=None, fx_test_0=None, learning_rate=1.0, momentum=0.0,
+    diag_reg=0.0, time="continuous", rcond=None,
 ) -> _Problem:
     """Check shapes, forms, finiteness and hyper-parameters; lay the problem out as matrices.
 
@@ -138,6 +139,7 @@ def _problem(
         rcond=spectral.default_rcond(n, k_tt.dtype) if rcond is None else rcond,
         momentum=beta,
         scalar_t=scalar_t,
+        time=time,
     )
 
 
@@ -179,31 +181,17 @@ class Solution:
     n: int = struct.field(pytree_node=False, default=1)
 
 
-def solve(
-    k_train_train: jax.Array,
-    y_train: jax.Array,
-    fx_train_0: jax.Array,
-    t,
-    *,
-    k_test_train: jax.Array | None = None,
-    fx_test_0: jax.Array | None = None,
-    learning_rate: float = 1.0,
-    momentum: float = 0.0,
-    diag_reg: float = 0.0,
-    diag_reg_absolute: bool = False,
-    time: str = "continuous",
-    metric: jax.Array | None = None,
-    rcond: float | None = None,
-) -> Solution:
+def solve(k_train_train: jax.Array, y_train: jax.Array, fx_train_0: jax.Array, t, **options) -> Solution:
     """One eigendecomposition, then train/test outputs and ``α_t`` at all times (T ≥ 1).
 
     The engine behind :func:`function_space`, :func:`parameter_space` and
-    :func:`ntkdyn.predict`. Arguments as in :func:`function_space`.
+    :func:`ntkdyn.predict`. Arguments and keyword options exactly as in
+    :func:`function_space`.
     """
-    prob = _problem(
-        k_train_train, y_train, fx_train_0, t, k_test_train=k_test_train, fx_test_0=fx_test_0,
-        learning_rate=learning_rate, diag_reg=diag_reg, rcond=rcond, time=time, momentum=momentum,
-    )
+    metric = options.pop("metric", None)
+    diag_reg_absolute = options.pop("diag_reg_absolute", False)
+    prob = _problem(k_train_train, y_train, fx_train_0, t, **options)
+    time = prob.time
     dtype = prob.mat.dtype
     mat, root = prob.mat, None
     k_st, traced = prob.k_st, prob.traced

@@ -39,6 +39,7 @@ __all__ = [
     "positive_scalar",
     "nonnegative_scalar",
     "fraction",
+    "clock",
     "rcond",
     "count",
     "choice",
@@ -265,6 +266,21 @@ def fraction(name: str, value) -> float:
     if not 0.0 <= v < 1.0:
         raise ValueError(f"{name}: expected a float in [0, 1), got {v}")
     return v
+
+
+def clock(time, momentum, clocks: Iterable[str]) -> float:
+    """Check ``time`` (one of ``clocks``) and heavy-ball ``momentum`` together; return β.
+
+    Momentum is a property of the step sequence: β > 0 needs ``time="discrete"``.
+    """
+    choice("time", time, clocks)
+    beta = fraction("momentum", momentum)
+    if beta > 0 and time != "discrete":
+        raise ValueError(
+            "time: heavy-ball momentum is defined on discrete steps only; pass time='discrete' "
+            f"(its small-step limit is gradient flow with learning_rate/(1 − momentum)), got time={time!r}"
+        )
+    return beta
 
 
 def rcond(value) -> float | None:

@@ -283,22 +283,14 @@ def top_eigenvalues(
     return lanczos(matvec, flat.size, k=k, num_iter=num_iter, which=which, key=key, seed=seed, dtype=flat.dtype)
 
 
-def hessian_eigenvalues(
-    loss_fn: Callable[[Any], jax.Array],
-    params: Any,
-    *,
-    k: int = 1,
-    num_iter: int | None = None,
-    which: str = "largest",
-    key=None,
-    seed: int = 0,
-) -> LanczosResult:
-    """Top-k (by ``which``) eigenpairs of ``∇²L(θ)`` from Hessian-vector products."""
+def hessian_eigenvalues(loss_fn: Callable[[Any], jax.Array], params: Any, **lanczos_options) -> LanczosResult:
+    """Top-k (by ``which``) eigenpairs of ``∇²L(θ)`` from Hessian-vector products.
+
+    ``lanczos_options``: ``k``, ``num_iter``, ``which``, ``key``, ``seed`` as in :func:`top_eigenvalues`.
+    """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable loss_fn(params) -> scalar, got {loss_fn!r}")
-    return top_eigenvalues(
-        lambda v: hvp(loss_fn, params, v), params, k=k, num_iter=num_iter, which=which, key=key, seed=seed
-    )
+    return top_eigenvalues(lambda v: hvp(loss_fn, params, v), params, **lanczos_options)
 
 
 def gauss_newton_eigenvalues(

@@ -89,13 +89,7 @@ def _problem(
     to it), and the default ``rcond`` is ``N·K·eps`` of the kernel's own dtype:
     a float32 kernel is only float32-accurate whatever dtype Y came in.
     """
-    _validate.choice("time", time, spectral.TIMES)
-    beta = _validate.fraction("momentum", momentum)
-    if beta > 0 and time != "discrete":
-        raise ValueError(
-            "time: heavy-ball momentum is defined on discrete steps only; pass time='discrete' "
-            f"(its small-step limit is gradient flow with learning_rate/(1 − momentum)), got time={time!r}"
-        )
+    beta = _validate.clock(time, momentum, spectral.TIMES)
     fx_train_0 = _validate.matrix("fx_train_0", fx_train_0)
     n_train, outputs = fx_train_0.shape
     y_train = _validate.matrix("y_train", y_train, n_train, outputs)

@@ -271,13 +271,12 @@ def modes(lam, t, *, learning_rate, n, time: str = "continuous", momentum: float
       ``(fitted, gain)``, each (T, m) (axes dropped for scalar inputs). Null
       modes are the caller's business (the solver sets their gain to 0).
     """
-    _check_time(time)
     lam, t = jnp.asarray(lam), jnp.asarray(t)
     scalar_lam, scalar_t = lam.ndim == 0, t.ndim == 0
     lam1, t1 = jnp.atleast_1d(lam), jnp.atleast_1d(t)
     if lam1.ndim != 1 or t1.ndim != 1:
         raise ValueError(f"lam, t: expected scalars or 1-D arrays, got shapes {lam.shape} and {t.shape}")
-    beta = _validate.fraction("momentum", momentum)
+    beta = _validate.clock(time, momentum, TIMES)
     _validate.positive_scalar("learning_rate", learning_rate)
     _validate.times(t1)
     if beta == 0.0:
@@ -285,11 +284,6 @@ def modes(lam, t, *, learning_rate, n, time: str = "continuous", momentum: float
         fitted = decay_complement(lam1, tt, learning_rate=learning_rate, n=n, time=time)
         g = gain(lam1, tt, learning_rate=learning_rate, n=n, time=time)
     else:
-        if time != "discrete":
-            raise ValueError(
-                "time: heavy-ball momentum is defined on discrete steps only; pass time='discrete' "
-                f"(its small-step limit is gradient flow with learning_rate/(1 − momentum)), got time={time!r}"
-            )
         dtype = jnp.result_type(lam1.dtype, t1.dtype, float)
         lam1, t1 = lam1.astype(dtype), t1.astype(dtype)
         _check_whole_steps(t1)
@@ -309,16 +303,13 @@ def decay_curve(lam, steps: int, *, learning_rate, n, time: str = "discrete", mo
     recurrence once per step (one 2×2 update per mode); GD evaluates
     :func:`decay` at the integer grid.
     """
-    _check_time(time)
     steps = _validate.count("steps", steps, 0)
-    beta = _validate.fraction("momentum", momentum)
+    beta = _validate.clock(time, momentum, TIMES)
     lam = jnp.atleast_1d(jnp.asarray(lam))
     lam = lam.astype(jnp.result_type(lam.dtype, float))
     if beta == 0.0:
         grid = jnp.arange(steps + 1, dtype=lam.dtype)[:, None]
         return decay(lam, grid, learning_rate=learning_rate, n=n, time=time)
-    if time != "discrete":
-        raise ValueError(f"time: heavy-ball momentum is defined on discrete steps only, got time={time!r}")
     c = learning_rate / n
 
     def step(carry, _):

@@ -144,18 +144,9 @@ def _resolve(model, params, x1, x2, symmetric, k, trace_outputs, method, tile_si
     return method, tile_size
 
 
-def plan_ntk(
-    apply_fn: ApplyFn,
-    params: Any,
-    x1: jax.Array,
-    x2: jax.Array | None = None,
-    *,
-    trace_outputs: bool = False,
-    method: str = "auto",
-    tile_size: int | str | None = "auto",
-    memory_limit: float | None = None,
-    **method_options,
-) -> tuple[str, int | None]:
+def plan_ntk(apply_fn: ApplyFn, params: Any, x1: jax.Array, x2: jax.Array | None = None, *,
+             trace_outputs: bool = False, method: str = "auto", tile_size: int | str | None = "auto",
+             memory_limit: float | None = None, **method_options) -> tuple[str, int | None]:
     """``(method, tile_size)`` that :func:`empirical_ntk` would use with these arguments.
 
     ``"auto"`` entries are resolved with the cost model (no kernel is

@@ -271,6 +271,23 @@ def test_defaults_do_not_oversubscribe_the_cores():
     assert executors._slots([0, 1], 3, 1) == [[0], [1], [0]]
 
 
+def test_slurm_needs_its_commands_and_gets_the_job_options(tmp_path, monkeypatch):
+    """No Slurm here: its absence is a clear error; with stand-in commands, submitit takes every option."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ValueError, match="^executor: 'slurm' needs the Slurm commands on PATH, sbatch and srun"):
+        Executor("slurm").resolve()
+    for command in ("sbatch", "srun"):
+        (tmp_path / command).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / command).chmod(0o755)
+    ex = Executor("slurm", workers=32, threads=4, time_min=120, partition="cpu", account="lab", qos="normal",
+                  mem_gb=8, gpus=1, setup=("source venv/bin/activate",)).resolve()
+    assert ex.describe() == "slurm (a job array on partition cpu, 32 points at a time, 4 threads each)"
+    params = executors._submitit_executor(ex, tmp_path / "jobs")._executor.parameters  # what sbatch will get
+    assert params == {"job_name": "ntkdyn-sweep", "time": 120, "cpus_per_task": 4, "partition": "cpu",
+                      "account": "lab", "qos": "normal", "mem": "8GB", "gpus_per_node": 1, "array_parallelism": 32,
+                      "setup": ["source venv/bin/activate"]}
+
+
 def test_the_extras_are_imported_only_when_chosen():
     check = ("import sys, ntkdyn.experiments.cli, ntkdyn.experiments.executors as ex\n"
              "ex.Executor('local', workers=2).resolve()\n"

@@ -52,6 +52,7 @@ import enum
 import importlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -181,6 +182,11 @@ class Executor:
                 raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
         if kind in _EXTRA:
             _require(_EXTRA[kind], kind)
+        missing = [c for c in ("sbatch", "srun") if kind == "slurm" and shutil.which(c) is None]
+        if missing:
+            raise ValueError(f"executor: 'slurm' needs the Slurm commands on PATH, {' and '.join(missing)} "
+                             "not found; run the driver on a Slurm login node, or try the same code path here "
+                             "with 'submitit-local'")
         cores = len(_cores())
         if kind == "local":
             workers = workers or 1
@@ -329,6 +335,10 @@ def run_task(task: dict) -> dict:
     key = task.get("key") or point_key(config)
     try:
         _configure_worker(task)
+        import jax
+
+        if config.get("dtype") == "float64" and not jax.config.jax_enable_x64:  # would silently run in float32
+            raise RuntimeError("dtype: a float64 point on a worker without jax_enable_x64")
         record = _encode(run_point(config))
     except Exception as err:  # noqa: BLE001 - the point failed; the sweep goes on
         return {"key": key, "record": None, "error": _error_text(err), "traceback": _traceback_summary(err),
@@ -527,7 +537,8 @@ def _ray(ex: Executor, tasks: list[dict]) -> Iterator[dict]:
             ray.shutdown()
 
 
-def _submitit(ex: Executor, tasks: list[dict], folder: Path) -> Iterator[dict]:
+def _submitit_executor(ex: Executor, folder: Path):
+    """submitit's AutoExecutor for ``ex`` (Slurm, or local jobs), with the job parameters set."""
     submitit = _require("submitit", ex.kind)
     slurm = ex.kind == "slurm"
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm" if slurm else "local")
@@ -538,6 +549,12 @@ def _submitit(ex: Executor, tasks: list[dict], folder: Path) -> Iterator[dict]:
                  "slurm_array_parallelism": ex.workers, "slurm_setup": list(ex.setup) or None}
         params.update({k: v for k, v in extra.items() if v is not None})
     executor.update_parameters(**params)
+    return executor
+
+
+def _submitit(ex: Executor, tasks: list[dict], folder: Path) -> Iterator[dict]:
+    slurm = ex.kind == "slurm"
+    executor = _submitit_executor(ex, folder)
     env = worker_environment(ex.threads)
     # Slurm: every point at once, as one job array (Slurm runs `workers` at a time);
     # locally: `workers` jobs at a time, each pinned to its own cores

@@ -6,21 +6,21 @@ called :func:`sweep`) is the only writer of the results folder, so resume and
 de-duplication work exactly as for the in-process sweep whatever runs the
 points. An :class:`Executor` says where they run:
 
-==================  ===========================================================
-``kind``            the points run ...
-==================  ===========================================================
-``"local"``         in the driver, one after another (``workers=1``, the
-                    default), or in ``workers`` local processes
-                    (``concurrent.futures.ProcessPoolExecutor``, ``spawn``
-                    start method: JAX is not fork-safe)
-``"ray"``           as Ray tasks: on the cluster at ``address``, or on a Ray
-                    instance started on this machine for the sweep
-``"slurm"``         as one Slurm job array, one array task per point
-                    (submitit), at most ``workers`` at a time
+====================  =========================================================
+``kind``              the points run ...
+====================  =========================================================
+``"local"``           in the driver, one after another (``workers=1``, the
+                      default), or in ``workers`` local processes
+                      (``concurrent.futures.ProcessPoolExecutor``, ``spawn``
+                      start method: JAX is not fork-safe)
+``"ray"``             as Ray tasks: on the cluster at ``address``, or on a Ray
+                      instance started on this machine for the sweep
+``"slurm"``           as one Slurm job array, one array task per point
+                      (submitit), at most ``workers`` at a time
 ``"submitit-local"``  the same submitit code path with submitit's local
-                    executor: one local job (process) per point, ``workers``
-                    at a time; runs without Slurm
-==================  ===========================================================
+                      executor: one local job (process) per point,
+                      ``workers`` at a time; runs without Slurm
+====================  =========================================================
 
 Every worker runs :func:`run_task`: it receives one configuration plus the
 driver's JAX options (``jax_enable_x64`` and the other numerics-changing

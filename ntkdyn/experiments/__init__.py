@@ -2,14 +2,20 @@
 
 One direction of flow, each module importing only those before it::
 
-    data ─► train ─► compare ─► sweep ─► report ─► cli
+    data, families ─► train ─► compare ─► sweep ─► report ─► cli
 
-* :mod:`~ntkdyn.experiments.data`: small local data sets (:class:`Dataset`).
-* :mod:`~ntkdyn.experiments.train`: real training with optax, one jitted scan
+* :mod:`~ntkdyn.experiments.data`: small local data sets and your own ``.npz``
+  (:class:`Dataset`).
+* :mod:`~ntkdyn.experiments.families`: network families ``family(width, *,
+  seed, input_shape, out_features)``, built in (mlp, cnn, resmlp) or yours
+  by import path (docs/own_models.md).
+* :mod:`~ntkdyn.experiments.train`: real training with optax (MSE or
+  cross-entropy; sgd, momentum, adam or any optax optimizer), one jitted scan
   (``train.train``, :class:`TrainResult`).
-* :mod:`~ntkdyn.experiments.compare`: real training against Eq. 8/9/10 as one
-  jitted pure function returning a metrics pytree (``compare.compare``,
-  :class:`Comparison`).
+* :mod:`~ntkdyn.experiments.compare`: real training against Eq. 8/9/10 and
+  against the linearized network trained the same way, as one jitted pure
+  function returning a metrics pytree (``compare.compare``, several seeds in
+  one vmapped call: ``compare.compare_seeds``; :class:`Comparison`).
 * :mod:`~ntkdyn.experiments.sweep`: resumable, locked grids of comparisons
   (``sweep.sweep``, :class:`SweepGrid`), the only writer of ``results.jsonl``.
 * :mod:`~ntkdyn.experiments.executors`: where a sweep's points run (in process,
@@ -24,7 +30,7 @@ shadows a module. matplotlib, tqdm and scikit-learn are imported only inside
 the functions that draw, show progress or read the digits.
 """
 
-from ntkdyn.experiments import compare, data, executors, report, sweep, train
+from ntkdyn.experiments import compare, data, executors, families, report, sweep, train
 from ntkdyn.experiments.compare import Comparison
 from ntkdyn.experiments.data import Dataset, load_dataset
 from ntkdyn.experiments.report import write_report
@@ -33,6 +39,7 @@ from ntkdyn.experiments.train import TrainResult
 
 __all__ = [
     "data",
+    "families",
     "train",
     "compare",
     "sweep",

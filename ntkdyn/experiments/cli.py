@@ -55,7 +55,20 @@ def _model_args(p: argparse.ArgumentParser, *, many: bool) -> None:
                    help="read --lr as multiples of each point's stability limit 2(1+β)n/λ_max")
     p.add_argument("--steps", type=int, default=_DEFAULTS.steps, help="real gradient steps per point")
     p.add_argument("--records", type=int, default=_DEFAULTS.num_records, help="recorded (log-spaced) steps")
-    p.add_argument("--dataset", default=_DEFAULTS.dataset, help="synthetic or digits")
+    p.add_argument("--data", "--dataset", dest="dataset", default=_DEFAULTS.dataset,
+                   help="synthetic, digits, or PATH.npz with x_train, y_train, x_test, y_test (y: (N, K) targets "
+                        "or (N,) integer labels -> one-hot); docs/own_models.md")
+    p.add_argument("--subset", default=_DEFAULTS.subset, choices=("first", "random"),
+                   help="which training rows of a .npz --samples takes: the first N, or N drawn with --data-seed")
+    p.add_argument("--model", default=_DEFAULTS.model,
+                   help="network family: mlp, cnn, resmlp, PATH.py:NAME or package.module:NAME, a function "
+                        "family(width, *, seed, input_shape, out_features) (docs/own_models.md)")
+    p.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=("sgd", "momentum", "adam"),
+                   help="optimizer of the real and of the linearized training (momentum: heavy ball with --momentum)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="minibatch size (0: full batch); one shuffled order per seed, shared by both trainings")
+    p.add_argument("--loss", default=_DEFAULTS.loss, choices=("mse", "cross_entropy"),
+                   help="training loss; cross_entropy for class labels, compared with the linearized training only")
     p.add_argument("--n-test", type=int, default=_DEFAULTS.n_test, help="test-set size")
     p.add_argument("--in-features", type=int, default=_DEFAULTS.in_features, help="synthetic input dimension")
     p.add_argument("--out-features", type=int, default=_DEFAULTS.out_features,
@@ -161,7 +174,8 @@ def _grid(args, *, widths, samples, seeds, one: bool) -> SweepGrid:
         activations=many(args.activations), parameterizations=many(args.parameterizations),
         dataset=args.dataset, n_test=args.n_test, steps=args.steps, num_records=args.records, time=args.time,
         momentum=args.momentum, data_seed=args.data_seed, in_features=args.in_features,
-        out_features=args.out_features, dtype="float64" if args.x64 else "float32",
+        out_features=args.out_features, dtype="float64" if args.x64 else "float32", model=args.model,
+        optimizer=args.optimizer, batch_size=args.batch_size, loss=args.loss, subset=args.subset,
     )
 
 
@@ -188,7 +202,8 @@ def _print_slopes(records, out=None) -> None:
     out = out or sys.stdout
     from ntkdyn.experiments.report import slope_table
 
-    rows = [s for s in slope_table(records, metrics=("test_gap", "train_gap", "kernel_drift"))]
+    metrics = ("test_gap", "train_gap", "lin_trained_test_gap", "kernel_drift")
+    rows = [s for s in slope_table(records, metrics=metrics) if s["seeds"]]  # no fit: e.g. no closed form
     if not rows:
         return
     print("\nlog-log slope vs width (mean ± std over seeds [min … max]):", file=out)
@@ -281,23 +296,30 @@ def _cmd_compare(args) -> int:
     (config,) = grid.validate().points()
     rec = run_point(config)
     m, c = rec["metrics"], rec["curves"]
-    print(f"width={config['width']} depth={config['depth']} {config['activation']} {config['parameterization']}, "
-          f"{config['dataset']} N={config['n_train']} (test {config['n_test']}), seed {config['seed']}, "
+    batch = f"batch {config['batch_size']}" if config["batch_size"] else "full batch"
+    print(f"{config['model']} width={config['width']} depth={config['depth']} {config['activation']} "
+          f"{config['parameterization']}, {config['dataset']} N={config['n_train']} (test {config['n_test']}), "
+          f"seed {config['seed']}, {config['optimizer']} {batch} on {config['loss']}, "
           f"η={m['learning_rate']:.4g} (η/η_max={m['lr_ratio']:.3g}), {config['steps']} {config['time']} steps, "
           f"{config['dtype']}")
     header = ["step", "loss", "loss lin", "test loss", "test lin", "train gap", "test gap",
-              "f(θlin) gap", "f_lin(θlin)-Eq9/10", "weight gap"]
+              "f(θlin) gap", "f_lin(θlin)-Eq9/10", "weight gap", "lin-trained gap (test)"]
     rows = []
     for i, step in enumerate(c["steps"]):
         def at(name):
             return _num(c[name][i]) if name in c else "-"
 
         rows.append([str(int(step)), at("loss"), at("loss_lin"), at("test_loss"), at("test_loss_lin"),
-                     at("train_gap"), at("test_gap"), at("eq8_test_gap"), at("lin_consistency"), at("weight_gap")])
+                     at("train_gap"), at("test_gap"), at("eq8_test_gap"), at("lin_consistency"), at("weight_gap"),
+                     at("lin_trained_test_gap")])
     print()
     _print_table(header, rows)
     print()
-    print("gaps are relative: ‖f_t − f^lin_t‖ / ‖f_0 − Y‖; weight gap ‖θ_t − θ^lin_t‖ / ‖θ_t − θ_0‖")
+    print("gaps are relative: ‖f_t − f^lin_t‖ / ‖f_0 − Y‖; weight gap ‖θ_t − θ^lin_t‖ / ‖θ_t − θ_0‖; "
+          "lin-trained: f_lin trained with the same optimizer, minibatches and steps")
+    print(f"max lin-trained gap: test {_num(m['lin_trained_test_gap'])}, train {_num(m['lin_trained_train_gap'])}")
+    if not m["closed_form"]:
+        print(f"no closed form for {config['optimizer']} on {config['loss']}: the Eq. 8/9/10 columns are '-'")
     print(f"max test gap {_num(m['test_gap'])}, max train gap {_num(m['train_gap'])}, "
           f"kernel drift {_num(m['kernel_drift'])}, max weight gap {_num(m['weight_gap'])}, "
           f"f_lin(θlin) vs Eq. 9/10 {_num(m['lin_consistency'])}"

@@ -14,6 +14,15 @@ recorded steps t:
 
 and measures how far apart they are (definitions in :func:`compare`).
 
+It also trains the linearized network ``f_lin`` itself with the real
+network's optimizer, minibatch order and steps (:class:`LinTrained`), which
+works for every optimizer and loss (Adam, cross-entropy) where no closed
+form exists: the gap between the two trained networks isolates the
+network's nonlinearity from the optimizer's departure from gradient flow.
+The closed form (Eq. 8/9/10) describes full-batch GD or heavy ball on the
+MSE loss; for other optimizers or losses its metrics read NaN
+(``Comparison.closed_form`` says which case a result is).
+
 Everything after the eager argument checks is one pure jitted function of
 ``(model, θ₀, data, η, reg)``: the model is a :class:`ntkdyn.models.Model`
 pytree, so every model of one architecture and every value of the numeric
@@ -40,7 +49,21 @@ from ntkdyn.kernels import empirical_ntk
 from ntkdyn.linearization import linearize
 from ntkdyn.models import as_model
 
-__all__ = ["Comparison", "Side", "Losses", "WeightGaps", "compare", "layer_groups", "relative_gap"]
+__all__ = [
+    "Comparison",
+    "Side",
+    "Losses",
+    "WeightGaps",
+    "LinTrained",
+    "compare",
+    "compare_seeds",
+    "layer_groups",
+    "relative_gap",
+    "CLOSED_FORM_OPTIMIZERS",
+]
+
+# the built-in optimizers whose linearized dynamics have a closed form (GD, heavy ball), on the MSE loss
+CLOSED_FORM_OPTIMIZERS = ("sgd", "momentum")
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -102,6 +125,30 @@ class WeightGaps:
 
 
 @struct.dataclass
+class LinTrained:
+    """The linearized network trained like the real one: same optimizer, minibatch order and steps.
+
+    ``f_lin(θ, x) = f(θ₀, x) + J(x)(θ − θ₀)`` trained from θ₀ on the same loss;
+    ``θ^lt_t`` its weights after t steps.
+
+    Attributes:
+      train, test: (R, n, K) ``f_lin(θ^lt_t, X)`` and ``f_lin(θ^lt_t, X*)`` (test None without ``x_test``).
+      train_gap: (R,) ``‖f(θ_t, X) − f_lin(θ^lt_t, X)‖ / ‖f(θ₀, X) − Y‖``.
+      test_gap: (R,) ``‖f(θ_t, X*) − f_lin(θ^lt_t, X*)‖ / D*`` (``D*`` as for ``Side.gap``; without
+        ``y_test`` the largest movement ``‖f_lin(θ^lt_t, X*) − f(θ₀, X*)‖`` of this run).
+      loss: (steps + 1,) training loss of the linearized run at every step.
+      test_loss: (R,) its test loss at the recorded steps (None without ``y_test``).
+    """
+
+    train: jax.Array
+    test: jax.Array | None
+    train_gap: jax.Array
+    test_gap: jax.Array | None
+    loss: jax.Array
+    test_loss: jax.Array | None
+
+
+@struct.dataclass
 class Comparison:
     """Real training vs. the linearized predictions at the recorded steps.
 
@@ -116,7 +163,12 @@ class Comparison:
       learning_rate: the η used (``learning_rate × max_learning_rate`` with ``lr_relative``).
       spectrum: the :class:`~ntkdyn.spectral.Spectrum` of Θ₀ (+ reg).
       final_params: real θ_T.
+      lin_trained: :class:`LinTrained`, the linearized network trained like the real one.
       momentum, time, layer_names: static.
+      optimizer: static, the optimizer's name (``"custom"`` for an optax object or factory).
+      objective: static, the training loss, ``"mse"`` or ``"cross_entropy"``.
+      closed_form: static, whether Eq. 8/9/10 describe this training (GD or heavy ball on MSE);
+        when False the closed-form arrays are computed for reference and their summary metrics are NaN.
     """
 
     steps: jax.Array
@@ -129,9 +181,13 @@ class Comparison:
     learning_rate: jax.Array
     spectrum: spectral.Spectrum
     final_params: Any
+    lin_trained: LinTrained
     momentum: float = struct.field(pytree_node=False, default=0.0)
     time: str = struct.field(pytree_node=False, default="discrete")
     layer_names: tuple = struct.field(pytree_node=False, default=())
+    optimizer: str = struct.field(pytree_node=False, default="sgd")
+    objective: str = struct.field(pytree_node=False, default="mse")
+    closed_form: bool = struct.field(pytree_node=False, default=True)
 
     def summary(self) -> dict[str, float | bool]:
         """Scalar digest (Python floats/bools), the numbers a sweep stores.
@@ -144,6 +200,19 @@ class Comparison:
         ``lr_ratio > 1`` in discrete time (gradient flow never diverges);
         ``real_diverged`` when the real loss ends non-finite or above its
         initial value.
+
+        ``lin_trained_train_gap`` / ``lin_trained_test_gap`` (max over steps)
+        and their ``_final`` values compare the real network with the
+        linearized network trained the same way (:class:`LinTrained`);
+        ``lin_trained_loss_final`` is that run's last training loss;
+        ``closed_form`` whether Eq. 8/9/10 describe this training.
+
+        Without a closed form (``closed_form`` False: another optimizer or
+        loss) the closed-form metrics — ``train_gap``, ``test_gap``, their
+        ``_final``, ``eq8_*``, ``lin_consistency``, ``weight_gap*``,
+        ``loss_lin_final``, ``test_loss_lin_final`` — are NaN, and
+        ``linear_diverged`` says whether the linearized *training* ended
+        non-finite or above its initial loss.
         """
         test = self.test
         loss = _host(self.loss.train)
@@ -176,9 +245,28 @@ class Comparison:
             "linear_diverged": bool(self.time == "discrete" and ratio > 1.0),
             "real_diverged": bool(not np.isfinite(loss[-1]) or loss[-1] > loss[0]),
         }
+        lt, lt_loss = self.lin_trained, _host(self.lin_trained.loss)
+        out.update({
+            "lin_trained_train_gap": _worst(lt.train_gap),
+            "lin_trained_test_gap": _worst(lt.test_gap),
+            "lin_trained_train_gap_final": _last(lt.train_gap),
+            "lin_trained_test_gap_final": _last(lt.test_gap),
+            "lin_trained_loss_final": _last(lt_loss),
+            "closed_form": bool(self.closed_form),
+        })
+        if not self.closed_form:
+            for name in _CLOSED_FORM_METRICS:
+                out[name] = float("nan")
+            out["linear_diverged"] = bool(not np.isfinite(lt_loss[-1]) or lt_loss[-1] > lt_loss[0])
         for name, value in zip(self.layer_names, change[-1]):
             out[f"weight_change[{name}]"] = float(value)
         return out
+
+
+# the summary metrics that describe the closed form; NaN when there is none
+_CLOSED_FORM_METRICS = ("train_gap", "test_gap", "train_gap_final", "test_gap_final", "eq8_train_gap",
+                        "eq8_test_gap", "lin_consistency", "weight_gap", "weight_gap_final", "loss_lin_final",
+                        "test_loss_lin_final")
 
 
 def _host(x) -> np.ndarray:
@@ -281,21 +369,38 @@ def _side(real, lin, eq8, lin_eq8, scale) -> Side:
 # the comparison as one pure function
 # --------------------------------------------------------------------------- #
 
+_STATIC = ("steps", "num_records", "lr_relative", "time", "momentum", "batch_size", "diag_reg_absolute",
+           "trace_outputs", "ntk_method", "ntk_tile_size", "optimizer", "loss")
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("steps", "num_records", "lr_relative", "time", "momentum", "batch_size", "diag_reg_absolute",
-                     "trace_outputs", "ntk_method", "ntk_tile_size"),
-)
-def _compare(model, params0, x, y, x_test, y_test, t, slots, key, learning_rate, diag_reg, *, steps: int,
-             num_records: int, lr_relative: bool, time: str, momentum: float, batch_size: int | None,
-             diag_reg_absolute: bool, trace_outputs: bool, ntk_method: str, ntk_tile_size) -> Comparison:
-    """Everything :func:`compare` computes, for validated arguments (one compiled program)."""
+
+def _is_transformation(obj) -> bool:
+    return hasattr(obj, "init") and hasattr(obj, "update")
+
+
+def _build_optimizer(optimizer, learning_rate, momentum: float) -> optax.GradientTransformation:
+    """A name built from the (traced) η and β, an optax transformation as it is, or ``factory(η)``."""
+    if isinstance(optimizer, str):
+        return _train.make_optimizer(optimizer, learning_rate, momentum)
+    if _is_transformation(optimizer):
+        return optimizer
+    return optimizer(learning_rate)
+
+
+def _has_closed_form(optimizer, loss: str) -> bool:
+    return isinstance(optimizer, str) and optimizer in CLOSED_FORM_OPTIMIZERS and loss == "mse"
+
+
+def _compare_impl(model, params0, x, y, x_test, y_test, t, slots, key, learning_rate, diag_reg, *, steps: int,
+                  num_records: int, lr_relative: bool, time: str, momentum: float, batch_size: int | None,
+                  diag_reg_absolute: bool, trace_outputs: bool, ntk_method: str, ntk_tile_size, optimizer,
+                  loss: str) -> Comparison:
+    """Everything :func:`compare` computes, for validated arguments (pure; jitted as one program below)."""
     names, layer_of_leaf = layer_groups(params0)
     layer_sq = functools.partial(_layer_sq_norms, layer_of_leaf=layer_of_leaf, num_layers=len(names))
     ntk = functools.partial(empirical_ntk, model, trace_outputs=trace_outputs, method=ntk_method,
                             tile_size=ntk_tile_size)
     n_train = x.shape[0]
+    objective = _train.LOSSES[loss]
 
     # kernel at θ₀: one kernel on X ∪ X* gives Θ(X, X) and Θ(X*, X) from one set of Jacobians
     x_all = x if x_test is None else jnp.concatenate([x, x_test.astype(x.dtype)], axis=0)
@@ -321,15 +426,19 @@ def _compare(model, params0, x, y, x_test, y_test, t, slots, key, learning_rate,
         theta_lin = _weights_at(model, params0, x, sol.alpha[slot])
         return {"delta_sq": layer_sq(_tree_sub(params, params0)), "gap_sq": layer_sq(_tree_sub(params, theta_lin))}
 
-    optimizer = optax.sgd(lr, momentum=momentum if momentum > 0 else None)
-    buffers, losses, final_params = _train.run(
-        model, params0, x, y, x_test, slots, key, lr, optimizer=optimizer, steps=steps, batch_size=batch_size,
-        num_records=num_records, record_slot_fn=weight_records,
-    )
+    opt = _build_optimizer(optimizer, lr, momentum)
+    run = functools.partial(_train.run, params0=params0, x=x, y=y, x_test=x_test, slots=slots, key=key,
+                            learning_rate=lr, optimizer=opt, steps=steps, batch_size=batch_size,
+                            num_records=num_records, loss=loss)
+    closed_form = _has_closed_form(optimizer, loss)
+    records = weight_records if closed_form else _nan_weight_records(layer_sq, params0)
+    buffers, losses, final_params = run(model, record_slot_fn=records)
+
+    # the linearized network trained the same way: same optimizer, minibatch order (key) and steps
+    f_lin = linearize(model, params0)
+    lin_buffers, lin_losses, _ = run(f_lin)
 
     # Eq. 8 weights and the networks at them, one recorded step at a time (memory O(P))
-    f_lin = linearize(model, params0)
-
     def eq8_at(alpha_t):
         theta = _weights_at(model, params0, x, alpha_t)
         res = {"train": model(theta, x), "train_lin": f_lin(theta, x), "delta_sq": layer_sq(_tree_sub(theta, params0))}
@@ -337,7 +446,11 @@ def _compare(model, params0, x, y, x_test, y_test, t, slots, key, learning_rate,
             res["test"], res["test_lin"] = model(theta, x_test), f_lin(theta, x_test)
         return res
 
-    eq8 = jax.lax.map(eq8_at, sol.alpha)
+    if closed_form:
+        eq8 = jax.lax.map(eq8_at, sol.alpha)
+    else:  # Eq. 8 does not describe this training: NaN of the right shapes, nothing computed
+        eq8 = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype),
+                                     jax.eval_shape(lambda a: jax.lax.map(eq8_at, a), sol.alpha))
 
     # kernel drift; a blown-up run is infinitely far from Θ₀
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(w)) for w in jax.tree_util.tree_leaves(final_params)]))
@@ -346,17 +459,19 @@ def _compare(model, params0, x, y, x_test, y_test, t, slots, key, learning_rate,
     drift = jnp.where(finite, drift, jnp.inf)
 
     # discrepancies
-    train = _side(buffers["fx_train"], sol.train, eq8["train"], eq8["train_lin"], jnp.linalg.norm((fx0 - y).ravel()))
-    test, test_loss, test_loss_lin = None, None, None
+    d_train = jnp.linalg.norm((fx0 - y).ravel())
+    train = _side(buffers["fx_train"], sol.train, eq8["train"], eq8["train_lin"], d_train)
+    test, test_loss, test_loss_lin, lt_test_gap, lt_test_loss = None, None, None, None, None
     if x_test is not None:
         if y_test is not None:
-            d_test = jnp.linalg.norm((fx0_test - y_test).ravel())
-            test_loss = jax.vmap(_train.mse_loss, in_axes=(0, None))(buffers["fx_test"], y_test)
+            d_test = d_test_lt = jnp.linalg.norm((fx0_test - y_test).ravel())
+            per_step = jax.vmap(objective, in_axes=(0, None))
+            test_loss, lt_test_loss = per_step(buffers["fx_test"], y_test), per_step(lin_buffers["fx_test"], y_test)
             test_loss_lin = jax.vmap(_train.mse_loss, in_axes=(0, None))(sol.test, y_test)
         else:  # no targets: scale by the predicted movement
-            moved = (sol.test - fx0_test[None]).reshape(sol.test.shape[0], -1)
-            d_test = jnp.max(jnp.sqrt(jnp.sum(jnp.square(moved), axis=1)))
+            d_test, d_test_lt = _largest_move(sol.test, fx0_test), _largest_move(lin_buffers["fx_test"], fx0_test)
         test = _side(buffers["fx_test"], sol.test, eq8["test"], eq8["test_lin"], d_test)
+        lt_test_gap = relative_gap(buffers["fx_test"], lin_buffers["fx_test"], d_test_lt)
     gap_sq, delta_sq = buffers["slot_records"]["gap_sq"], buffers["slot_records"]["delta_sq"]
     norm0 = jnp.sqrt(layer_sq(params0))[None]
     weights = WeightGaps(
@@ -364,6 +479,11 @@ def _compare(model, params0, x, y, x_test, y_test, t, slots, key, learning_rate,
         gap_layers=_ratio(jnp.sqrt(gap_sq), jnp.sqrt(delta_sq)),
         change=_ratio(jnp.sqrt(delta_sq), norm0),
         change_lin=_ratio(jnp.sqrt(eq8["delta_sq"]), norm0),
+    )
+    lin_trained = LinTrained(
+        train=lin_buffers["fx_train"], test=lin_buffers.get("fx_test"),
+        train_gap=relative_gap(buffers["fx_train"], lin_buffers["fx_train"], d_train), test_gap=lt_test_gap,
+        loss=lin_losses, test_loss=lt_test_loss,
     )
     return Comparison(
         steps=t,
@@ -376,10 +496,108 @@ def _compare(model, params0, x, y, x_test, y_test, t, slots, key, learning_rate,
         learning_rate=jnp.asarray(lr, limit.dtype),
         spectrum=sol.spectrum,
         final_params=final_params,
+        lin_trained=lin_trained,
         momentum=momentum,
         time=time,
         layer_names=names,
+        optimizer=optimizer if isinstance(optimizer, str) else "custom",
+        objective=loss,
+        closed_form=closed_form,
     )
+
+
+def _nan_weight_records(layer_sq, params0):
+    """The per-step records of the real run without a closed form: ‖θ_t − θ₀‖² per layer, NaN gaps."""
+    def records(slot, params):
+        delta = layer_sq(_tree_sub(params, params0))
+        return {"delta_sq": delta, "gap_sq": jnp.full_like(delta, jnp.nan)}
+
+    return records
+
+
+def _largest_move(f_t, f_0):
+    """``max_t ‖f_t − f_0‖_F`` over the leading axis."""
+    moved = (f_t - f_0[None]).reshape(f_t.shape[0], -1)
+    return jnp.max(jnp.sqrt(jnp.sum(jnp.square(moved), axis=1)))
+
+
+_compare = jax.jit(_compare_impl, static_argnames=_STATIC)
+
+# positions of (model, θ₀, key) among _compare_impl's arrays: the axes a batch of initializations maps over
+_SEED_AXES = (0, 0, None, None, None, None, None, None, 0, None, None)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _compare_many(*arrays, **static) -> Comparison:
+    """:func:`_compare_impl` vmapped over stacked models, initial parameters and minibatch keys: one program."""
+    return jax.vmap(functools.partial(_compare_impl, **static), in_axes=_SEED_AXES)(*arrays)
+
+
+# --------------------------------------------------------------------------- #
+# the public entry points: eager checks, then the one compiled program
+# --------------------------------------------------------------------------- #
+
+
+def _check_optimizer(optimizer, momentum: float, learning_rate) -> None:
+    if isinstance(optimizer, str):
+        _validate.choice("optimizer", optimizer, _train.OPTIMIZERS)
+        _train.make_optimizer(optimizer, 1.0, momentum)  # raises for a β the optimizer does not take
+    elif _is_transformation(optimizer):
+        return
+    elif callable(optimizer):
+        made = optimizer(learning_rate)
+        if not _is_transformation(made):
+            raise TypeError(
+                f"optimizer: a factory must return an optax GradientTransformation, got {type(made).__name__}"
+            )
+    else:
+        raise TypeError(
+            f"optimizer: expected a name from {tuple(_train.OPTIMIZERS)}, an optax GradientTransformation or a "
+            f"factory(learning_rate) -> GradientTransformation, got {type(optimizer).__name__}"
+        )
+
+
+def _prepare(model, params0, x_train, y_train, *, steps, learning_rate, x_test, y_test, record_at, time, momentum,
+             batch_size, seed, diag_reg, optimizer, loss):
+    """Every eager check of :func:`compare`; returns ``(arrays, recorded steps)`` for :func:`_compare_impl`."""
+    _validate.choice("time", time, spectral.TIMES)
+    beta = _validate.fraction("momentum", momentum)
+    inputs = _train.check_inputs(
+        model, params0, x_train, y_train, x_test, steps=steps, learning_rate=learning_rate, optimizer=None,
+        batch_size=batch_size, seed=seed, loss=loss,
+    )
+    _check_optimizer(optimizer, beta, inputs.learning_rate)
+    if y_test is not None:
+        if inputs.x_test is None:
+            raise ValueError("y_test: given without x_test")
+        y_test = _validate.matrix("y_test", y_test, inputs.x_test.shape[0], inputs.output.shape[1])
+        if loss == "cross_entropy":
+            _train.probability_rows("y_test", y_test)
+    _validate.nonnegative_scalar("diag_reg", diag_reg)
+    recorded = _train.record_steps(record_at, inputs.steps)
+    dtype = inputs.output.dtype
+    arrays = (
+        model, params0, inputs.x_train, inputs.y_train, inputs.x_test, y_test, jnp.asarray(recorded, dtype),
+        _train.record_slots(recorded, inputs.steps), jax.random.key(inputs.seed),
+        jnp.asarray(inputs.learning_rate, dtype), jnp.asarray(float(np.asarray(diag_reg)), dtype),
+    )
+    return arrays, inputs, beta, recorded
+
+
+def _finish(result: Comparison, recorded, *, lr_relative: bool, time: str) -> Comparison:
+    """Recorded steps as integers; the lr_relative error and the stability warning."""
+    result = result.replace(steps=jnp.asarray(recorded))
+    limit, lr = float(result.max_learning_rate), float(result.learning_rate)
+    if lr_relative and not np.isfinite(limit):
+        raise ValueError("lr_relative: the kernel is zero, so there is no stability limit to scale by")
+    if time == "discrete" and lr > limit and result.closed_form:
+        warnings.warn(
+            f"learning_rate={lr:.6g} is above max_learning_rate = 2(1+β)n/λ_max = {limit:.6g}: "
+            "discrete descent on the linearized model diverges",
+            UnstableLearningRateWarning,
+            stacklevel=3,
+        )
+    return result
 
 
 def compare(
@@ -403,17 +621,23 @@ def compare(
     trace_outputs: bool = False,
     ntk_method: str = "auto",
     ntk_tile_size: int | str | None = "auto",
+    optimizer: str | optax.GradientTransformation | Callable[[Any], optax.GradientTransformation] = "sgd",
+    loss: str = "mse",
 ) -> Comparison:
     """Train the real network and compare it with its linearization at the recorded steps.
 
-    Real training: ``optax.sgd(η)`` (``optax.sgd(η, momentum=β)`` when
-    ``momentum`` > 0), full batch unless ``batch_size`` (the predictions are
-    always for full-batch descent, so minibatch noise counts as discrepancy).
-    Predictions from the empirical NTK Θ₀ at θ₀, one eigendecomposition
-    (:func:`ntkdyn.dynamics.solve`): Eq. 9/10 (discrete time ``(I − ηΘ/n)^t``
-    by default, the exact linear counterpart of the real steps;
-    ``time="continuous"`` uses ``exp(−ηΘt/n)``; with momentum the heavy-ball
-    modes) and Eq. 8 weights ``θ^lin_t = θ₀ − Jᵀ α_t``.
+    Real training: ``optimizer`` on ``loss`` from θ₀ — by default
+    ``optax.sgd(η)`` (``optax.sgd(η, momentum=β)`` when ``momentum`` > 0) on
+    the MSE loss, full batch unless ``batch_size``. The linearized network
+    ``f_lin`` is trained the same way (same optimizer, loss, minibatch order,
+    steps: :class:`LinTrained`). Predictions from the empirical NTK Θ₀ at θ₀,
+    one eigendecomposition (:func:`ntkdyn.dynamics.solve`): Eq. 9/10
+    (discrete time ``(I − ηΘ/n)^t`` by default, the exact linear counterpart
+    of full-batch steps; ``time="continuous"`` uses ``exp(−ηΘt/n)``; with
+    momentum the heavy-ball modes) and Eq. 8 weights
+    ``θ^lin_t = θ₀ − Jᵀ α_t``. They are always for full-batch descent on MSE,
+    so minibatch noise counts as discrepancy, and for another optimizer or
+    loss they do not apply (``closed_form`` False, their summary metrics NaN).
 
     Metrics (``‖·‖`` is the Frobenius norm over all inputs and outputs):
 
@@ -421,6 +645,8 @@ def compare(
     * ``test.gap[t]  = ‖f(θ_t, X*) − f^lin_t(X*)‖ / D*``, with
       ``D* = ‖f(θ₀, X*) − Y*‖`` when ``y_test`` is given, else
       ``D* = max_t ‖f^lin_t(X*) − f(θ₀, X*)‖`` (the predicted movement)
+    * ``lin_trained.train_gap[t] = ‖f(θ_t, X) − f_lin(θ^lt_t, X)‖ / ‖f(θ₀, X) − Y‖``
+      and ``lin_trained.test_gap`` likewise, ``θ^lt_t`` the trained linearized weights
     * ``*.eq8_gap[t]``: the same with ``f(θ^lin_t, ·)`` in place of the real
       outputs — how nonlinear the network is along the predicted path
     * ``*.consistency[t]``: the same with ``f_lin(θ^lin_t, ·)`` — Eq. 8
@@ -449,48 +675,110 @@ def compare(
       record_at: recorded steps (default log-spaced, with 0 and ``steps``).
       time: ``"discrete"`` (default) or ``"continuous"`` (plain GD only).
       momentum: β in [0, 1) (heavy ball, discrete time).
-      batch_size, seed: minibatch SGD for the real network.
+      batch_size, seed: minibatch SGD for the real and the linearized network (one order for both).
       diag_reg, diag_reg_absolute: kernel regularizer for the predictions.
       trace_outputs: predict with the output-traced kernel (exact for K = 1).
       ntk_method, ntk_tile_size: ``method`` and ``tile_size`` of :func:`ntkdyn.kernels.empirical_ntk`.
+      optimizer: ``"sgd"`` (default; heavy ball when ``momentum`` > 0),
+        ``"momentum"`` (heavy ball, needs ``momentum`` > 0), ``"adam"``
+        (``optax.adam(η)``), built from the (possibly relative) η inside the
+        compiled program; or any optax ``GradientTransformation`` (used as is;
+        static, so reuse one object to reuse the compilation); or a
+        ``factory(η) -> GradientTransformation``.
+      loss: ``"mse"`` (default) or ``"cross_entropy"`` (softmax of the
+        outputs; targets must be class-probability rows, e.g. one-hot).
 
     Returns:
       :class:`Comparison`. Above the stability limit the linearized side holds
       inf/NaN and the real side whatever training did; nothing raises.
 
     Warns:
-      UnstableLearningRateWarning: discrete time with η above the limit.
+      UnstableLearningRateWarning: discrete time with η above the limit, when the closed form applies.
     """
     model = as_model(apply_fn)
-    _validate.choice("time", time, spectral.TIMES)
-    beta = _validate.fraction("momentum", momentum)
-    inputs = _train.check_inputs(
-        model, params0, x_train, y_train, x_test, steps=steps, learning_rate=learning_rate, optimizer=None,
-        batch_size=batch_size, seed=seed,
+    arrays, inputs, beta, recorded = _prepare(
+        model, params0, x_train, y_train, steps=steps, learning_rate=learning_rate, x_test=x_test, y_test=y_test,
+        record_at=record_at, time=time, momentum=momentum, batch_size=batch_size, seed=seed, diag_reg=diag_reg,
+        optimizer=optimizer, loss=loss,
     )
-    if y_test is not None:
-        if inputs.x_test is None:
-            raise ValueError("y_test: given without x_test")
-        y_test = _validate.matrix("y_test", y_test, inputs.x_test.shape[0], inputs.output.shape[1])
-    _validate.nonnegative_scalar("diag_reg", diag_reg)
-    recorded = _train.record_steps(record_at, inputs.steps)
-    dtype = inputs.output.dtype
-    result = _compare(
-        model, params0, inputs.x_train, inputs.y_train, inputs.x_test, y_test,
-        jnp.asarray(recorded, dtype), _train.record_slots(recorded, inputs.steps), jax.random.key(inputs.seed),
-        jnp.asarray(inputs.learning_rate, dtype), jnp.asarray(float(np.asarray(diag_reg)), dtype),
-        steps=inputs.steps, num_records=int(recorded.size), lr_relative=bool(lr_relative), time=time,
-        momentum=beta, batch_size=inputs.batch_size, diag_reg_absolute=bool(diag_reg_absolute),
-        trace_outputs=bool(trace_outputs), ntk_method=ntk_method, ntk_tile_size=ntk_tile_size,
-    ).replace(steps=jnp.asarray(recorded))
-    limit, lr = float(result.max_learning_rate), float(result.learning_rate)
-    if lr_relative and not np.isfinite(limit):
-        raise ValueError("lr_relative: the kernel is zero, so there is no stability limit to scale by")
-    if time == "discrete" and lr > limit:
-        warnings.warn(
-            f"learning_rate={lr:.6g} is above max_learning_rate = 2(1+β)n/λ_max = {limit:.6g}: "
-            "discrete descent on the linearized model diverges",
-            UnstableLearningRateWarning,
-            stacklevel=2,
-        )
-    return result
+    result = _compare(*arrays, **_static(inputs, recorded, beta, lr_relative=lr_relative, time=time,
+                                         diag_reg_absolute=diag_reg_absolute, trace_outputs=trace_outputs,
+                                         ntk_method=ntk_method, ntk_tile_size=ntk_tile_size, optimizer=optimizer,
+                                         loss=loss))
+    return _finish(result, recorded, lr_relative=lr_relative, time=time)
+
+
+def _static(inputs, recorded, beta, **options) -> dict:
+    options["lr_relative"] = bool(options["lr_relative"])
+    options["diag_reg_absolute"] = bool(options["diag_reg_absolute"])
+    options["trace_outputs"] = bool(options["trace_outputs"])
+    return dict(steps=inputs.steps, num_records=int(recorded.size), momentum=beta, batch_size=inputs.batch_size,
+                **options)
+
+
+def compare_seeds(
+    members: Sequence[tuple[ApplyFn, Any]],
+    x_train: jax.Array,
+    y_train: jax.Array,
+    *,
+    seeds: Sequence[int] | None = None,
+    **options,
+) -> list[Comparison]:
+    """:func:`compare` for several initializations of one architecture, as one compiled, vmapped call.
+
+    ``[compare(f_i, θ₀_i, x_train, y_train, seed=seeds[i], **options) for i]``
+    to float round-off, with the S members' training, kernels and solves
+    batched along a leading axis (cheaper than S calls: one program, wider
+    operations). Every member must have the same graph and parameter shapes
+    (e.g. one family at one width, other seeds).
+
+    Args:
+      members: ``(apply_fn, params0)`` pairs (``apply_fn`` a function or a
+        :class:`ntkdyn.models.Model`).
+      x_train, y_train: the data, shared by every member.
+      seeds: the minibatch seed of each member (default 0 for all).
+      **options: every keyword argument of :func:`compare` except ``seed``.
+
+    Raises:
+      ValueError naming ``members`` when they cannot be stacked (another
+      graph or parameter shape), and everything :func:`compare` raises.
+    """
+    members = list(members)
+    if not members:
+        raise ValueError("members: expected at least one (apply_fn, params0) pair, got none")
+    if "seed" in options:
+        raise TypeError("seed: compare_seeds takes one minibatch seed per member in seeds=")
+    seeds = [0] * len(members) if seeds is None else list(seeds)
+    if len(seeds) != len(members):
+        raise ValueError(f"seeds: expected one seed per member ({len(members)}), got {len(seeds)}")
+    lr_relative, time = options.get("lr_relative", False), options.get("time", "discrete")
+    statics = {k: options.pop(k, default) for k, default in (
+        ("lr_relative", False), ("diag_reg_absolute", False), ("trace_outputs", False), ("ntk_method", "auto"),
+        ("ntk_tile_size", "auto"), ("optimizer", "sgd"), ("loss", "mse"))}
+    options.setdefault("diag_reg", 0.0)
+    for name in ("x_test", "y_test", "record_at"):
+        options.setdefault(name, None)
+    options.setdefault("time", "discrete")
+    options.setdefault("momentum", 0.0)
+    options.setdefault("batch_size", None)
+    prepared = [
+        _prepare(as_model(f), p, x_train, y_train, seed=s, optimizer=statics["optimizer"], loss=statics["loss"],
+                 **options)
+        for (f, p), s in zip(members, seeds)
+    ]
+    arrays, inputs, beta, recorded = prepared[0]
+    try:
+        stacked = [jax.tree_util.tree_map(lambda *a: jnp.stack(a), *column) for column in
+                   zip(*[(a[0], a[1], a[8]) for a, *_ in prepared])]
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"members: the initializations must share one architecture (graph and parameter shapes) to be "
+            f"batched: {err}"
+        ) from None
+    batched_arrays = (stacked[0], stacked[1], *arrays[2:8], stacked[2], *arrays[9:])
+    result = _compare_many(*batched_arrays, **_static(inputs, recorded, beta, time=time, **statics))
+    out = []
+    for i in range(len(members)):
+        one = jax.tree_util.tree_map(lambda a, i=i: a[i], result)
+        out.append(_finish(one, recorded, lr_relative=lr_relative, time=time))
+    return out

@@ -7,6 +7,12 @@
   inside the scikit-learn package and read from disk), pixels standardized
   with the training statistics, targets the centered one-hot code
   ``e_c − 1/K`` (Lee et al. 2019 regress on centered one-hot labels too).
+* a ``.npz`` file of your own (:func:`npz`): arrays ``x_train``, ``y_train``,
+  ``x_test``, ``y_test``; inputs of any shape ``(N, ...)``, targets either
+  ``(N, K)`` floats (used as they are) or ``(N,)`` integer class labels
+  ``c ∈ {0 … K−1}``, which become one-hot rows ``e_c`` (K = the largest label
+  in the file + 1; plain one-hot, not centered, so they are also valid
+  cross-entropy targets). Nothing is rescaled.
 
 Every loader returns a :class:`Dataset` with a train/test split chosen by
 ``seed``; the same arguments always give the same arrays. A new data source is
@@ -16,7 +22,11 @@ added to :data:`DATASETS`.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import zipfile
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -26,12 +36,24 @@ from flax import struct
 
 from ntkdyn import _validate
 
-__all__ = ["Dataset", "synthetic_regression", "digits", "load_dataset", "DATASETS"]
+__all__ = [
+    "Dataset",
+    "synthetic_regression",
+    "digits",
+    "npz",
+    "read_npz",
+    "is_npz",
+    "file_hash",
+    "load_dataset",
+    "DATASETS",
+    "SUBSETS",
+    "NPZ_ARRAYS",
+]
 
 
 @struct.dataclass
 class Dataset:
-    """A train/test split. ``x_*`` (N, d), ``y_*`` (N, K); ``name`` says which loader built it."""
+    """A train/test split. ``x_*`` (N, ...), ``y_*`` (N, K); ``name`` says which loader built it."""
 
     x_train: jax.Array
     y_train: jax.Array
@@ -44,8 +66,14 @@ class Dataset:
         return int(self.y_train.shape[1])
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input, ``x_train.shape[1:]``."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+    @property
     def in_features(self) -> int:
-        return int(self.x_train.shape[1])
+        """Numbers per input, ``prod(input_shape)`` (d for flat inputs)."""
+        return int(math.prod(self.input_shape))
 
 
 def _dtype(dtype):
@@ -127,6 +155,7 @@ def digits(
     num_classes: int = 10,
     seed: int = 0,
     dtype=None,
+    centered: bool = True,
 ) -> Dataset:
     """scikit-learn's 8×8 digits as a regression task (read from the installed package).
 
@@ -135,7 +164,8 @@ def digits(
     the next ``n_train`` the training set; each of the 64 pixels is standardized with the training mean and
     standard deviation (pixels constant on the training set are only
     centered). Targets are centered one-hot codes ``e_c − 1/K``, K =
-    ``num_classes``, so ``y`` rows sum to 0.
+    ``num_classes``, so ``y`` rows sum to 0 (``centered=False``: plain one-hot
+    ``e_c``, the class probabilities cross-entropy trains on).
 
     Returns:
       :class:`Dataset`: ``x_*`` (n, 64), ``y_*`` (n, num_classes).
@@ -164,7 +194,7 @@ def digits(
     mean = x[train].mean(axis=0)
     std = x[train].std(axis=0)
     x = (x - mean) / np.where(std > 0, std, 1.0)
-    y = np.eye(num_classes)[labels[order]] - 1.0 / num_classes
+    y = np.eye(num_classes)[labels[order]] - (1.0 / num_classes if centered else 0.0)
     dt = _dtype(dtype)
     return Dataset(
         x_train=jnp.asarray(x[train], dt),
@@ -175,6 +205,161 @@ def digits(
     )
 
 
+# --------------------------------------------------------------------------- #
+# your own arrays: a .npz file
+# --------------------------------------------------------------------------- #
+
+NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+# how --samples picks the training rows of a file: its first N, or N drawn by a permutation from the data seed
+SUBSETS = ("first", "random")
+
+
+def is_npz(name) -> bool:
+    """Whether the data-set name ``name`` is a path to a ``.npz`` file."""
+    return isinstance(name, (str, os.PathLike)) and str(name).endswith(".npz")
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """sha256 of the file's bytes, 16 hex digits: the identity of a data file in a sweep's configs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The four arrays of a ``.npz`` data file, checked, targets as float (N, K) rows.
+
+    Checks (ValueError naming the array and the file): the file exists and
+    is a ``.npz``; it holds ``x_train, y_train, x_test, y_test``; inputs are
+    numeric ``(N, ...)`` with at least one feature axis and the same trailing
+    shape for train and test; targets are ``(N, K)`` numbers or ``(N,)``
+    integer labels ``≥ 0`` (both splits the same kind and K); row counts match
+    their inputs; no NaN or inf; no empty split. Integer labels become one-hot
+    rows ``e_c``, K = largest label + 1 (at least 2).
+    """
+    where = str(path)
+    if not Path(path).is_file():
+        raise ValueError(f"data: no such file {where!r}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"data: {where!r} is not a readable .npz file ({' '.join(str(err).split())})") from err
+    if not hasattr(archive, "files"):
+        raise ValueError(f"data: {where!r} holds one array (a .npy); expected a .npz with {', '.join(NPZ_ARRAYS)}")
+    with archive:
+        found = list(archive.files)
+        missing = [name for name in NPZ_ARRAYS if name not in found]
+        if missing:
+            raise ValueError(
+                f"data: {where!r} has no array {', '.join(repr(m) for m in missing)} "
+                f"(expected {', '.join(NPZ_ARRAYS)}; found {', '.join(found) or 'none'})"
+            )
+        arrays = {}
+        for name in NPZ_ARRAYS:
+            try:
+                arrays[name] = np.asarray(archive[name])
+            except (OSError, ValueError, zipfile.BadZipFile) as err:
+                raise ValueError(f"{name}: cannot read it from {where!r} ({' '.join(str(err).split())})") from err
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype.kind not in "biuf" or x.dtype.kind == "b":
+            raise ValueError(f"x_{split}: expected numeric inputs, got dtype {x.dtype} in {where!r}")
+        if x.ndim < 2 or x.shape[0] == 0:
+            raise ValueError(
+                f"x_{split}: expected a non-empty batch (N, ...) with at least one feature axis, "
+                f"got shape {x.shape} in {where!r}"
+            )
+        if y.ndim not in (1, 2) or y.dtype.kind not in "iuf" or y.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"y_{split}: expected {x.shape[0]} rows (as x_{split}) of targets (N, K) or integer labels (N,), "
+                f"got shape {y.shape}, dtype {y.dtype} in {where!r}"
+            )
+        if y.ndim == 1 and y.dtype.kind == "f":
+            raise ValueError(
+                f"y_{split}: 1-D targets must be integer class labels, got dtype {y.dtype} in {where!r}; "
+                "give regression targets as an (N, K) array"
+            )
+        for name, arr in ((f"x_{split}", x), (f"y_{split}", y)):
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            if bad:
+                raise ValueError(f"{name}: {bad} non-finite values (NaN or inf) in {where!r}")
+    x_train, x_test, y_train, y_test = (arrays[k] for k in ("x_train", "x_test", "y_train", "y_test"))
+    if x_test.shape[1:] != x_train.shape[1:]:
+        raise ValueError(
+            f"x_test: expected inputs of shape {x_train.shape[1:]} as in x_train, got {x_test.shape[1:]} in {where!r}"
+        )
+    if y_train.ndim != y_test.ndim:
+        raise ValueError(
+            f"y_test: expected the same kind of targets as y_train (labels (N,) or rows (N, K)), "
+            f"got shapes {y_train.shape} and {y_test.shape} in {where!r}"
+        )
+    if y_train.ndim == 2:
+        if y_test.shape[1] != y_train.shape[1] or y_train.shape[1] == 0:
+            raise ValueError(
+                f"y_test: expected {y_train.shape[1]} columns as in y_train, got {y_test.shape[1]} in {where!r}"
+            )
+        return {"x_train": x_train, "y_train": y_train.astype(np.float64), "x_test": x_test,
+                "y_test": y_test.astype(np.float64)}
+    for name, labels in (("y_train", y_train), ("y_test", y_test)):
+        if labels.min() < 0:
+            raise ValueError(f"{name}: class labels must be >= 0, got {labels.min()} in {where!r}")
+    k = int(max(y_train.max(), y_test.max())) + 1
+    if k < 2:
+        raise ValueError(f"y_train: integer labels need at least two classes, got only label 0 in {where!r}")
+    eye = np.eye(k)
+    return {"x_train": x_train, "y_train": eye[y_train], "x_test": x_test, "y_test": eye[y_test]}
+
+
+def npz(
+    path: str | os.PathLike,
+    n_train: int,
+    n_test: int,
+    *,
+    seed: int = 0,
+    dtype=None,
+    subset: str = "first",
+    arrays: dict[str, np.ndarray] | None = None,
+) -> Dataset:
+    """Your own data from a ``.npz`` file (arrays and target convention in :func:`read_npz`).
+
+    The training set is the first ``n_train`` rows of ``x_train``/``y_train``
+    (``subset="first"``) or ``n_train`` rows drawn without replacement by a
+    permutation from ``seed`` (``subset="random"``; smaller sets are prefixes
+    of larger ones). The test set is the first ``n_test`` test rows, or
+    ``n_test`` drawn by a permutation from another stream of ``seed``.
+    Inputs and targets are cast to ``dtype`` and otherwise used as stored.
+    ``arrays`` passes the result of :func:`read_npz` to skip reading the file.
+
+    Returns:
+      :class:`Dataset`: ``x_*`` (n, ...), ``y_*`` (n, K).
+    """
+    n_train = _validate.count("n_train", n_train, 1)
+    n_test = _validate.count("n_test", n_test, 1)
+    seed = _validate.count("seed", seed, 0)
+    _validate.choice("subset", subset, SUBSETS)
+    arrays = read_npz(path) if arrays is None else arrays
+    picked = {}
+    for split, count, stream in (("train", n_train, 0), ("test", n_test, 1)):
+        available = arrays[f"x_{split}"].shape[0]
+        if count > available:
+            raise ValueError(
+                f"n_{split}: {str(path)!r} has {available} rows in x_{split}, asked for {count}"
+            )
+        rows = (np.arange(count) if subset == "first"
+                else np.random.default_rng([seed, stream]).permutation(available)[:count])
+        picked[split] = rows
+    dt = _dtype(dtype)
+    return Dataset(
+        x_train=jnp.asarray(arrays["x_train"][picked["train"]], dt),
+        y_train=jnp.asarray(arrays["y_train"][picked["train"]], dt),
+        x_test=jnp.asarray(arrays["x_test"][picked["test"]], dt),
+        y_test=jnp.asarray(arrays["y_test"][picked["test"]], dt),
+        name=f"npz:{Path(path).name}",
+    )
+
+
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "synthetic": synthetic_regression,
     "digits": digits,
@@ -182,6 +367,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 
 
 def load_dataset(name: str, n_train: int, n_test: int, *, seed: int = 0, dtype=None, **options) -> Dataset:
-    """Build the data set ``name`` (one of :data:`DATASETS`) with the given split sizes."""
+    """Build the data set ``name`` (one of :data:`DATASETS`, or a path to a ``.npz``) with the given split sizes."""
+    if is_npz(name):
+        return npz(name, n_train, n_test, seed=seed, dtype=dtype, **options)
     _validate.choice("dataset", name, DATASETS)
     return DATASETS[name](n_train, n_test, seed=seed, dtype=dtype, **options)

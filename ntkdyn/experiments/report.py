@@ -48,15 +48,21 @@ __all__ = [
     "width_n_rows",
 ]
 
-SLOPE_METRICS = ("test_gap", "train_gap", "kernel_drift", "weight_gap", "eq8_test_gap")
+SLOPE_METRICS = ("test_gap", "train_gap", "lin_trained_test_gap", "lin_trained_train_gap", "kernel_drift",
+                 "weight_gap", "eq8_test_gap")
 _LABELS = {
     "test_gap": "test discrepancy  max_t ‖f_t − f^lin_t‖ / ‖f_0 − Y‖ (test)",
     "train_gap": "train discrepancy  max_t ‖f_t − f^lin_t‖ / ‖f_0 − Y‖",
+    "lin_trained_test_gap": "vs trained f_lin  max_t ‖f_t − f_lin(θ^lt_t)‖ / ‖f_0 − Y‖ (test)",
+    "lin_trained_train_gap": "vs trained f_lin  max_t ‖f_t − f_lin(θ^lt_t)‖ / ‖f_0 − Y‖",
     "kernel_drift": "kernel drift  ‖Θ_T − Θ_0‖_F / ‖Θ_0‖_F",
     "weight_gap": "weight gap  max_t ‖θ_t − θ^lin_t‖ / ‖θ_t − θ_0‖",
     "eq8_test_gap": "f(θ^lin_t) vs Eq. 10 (test)",
 }
 _SERIES_EXCLUDE = ("width", "seed")
+# the settings a slope row and a figure title name (besides N), in this order
+_SETTINGS = ("dataset", "n_train", "model", "depth", "activation", "parameterization", "optimizer", "batch_size",
+             "loss", "learning_rate", "lr_relative", "momentum", "time")
 # a test discrepancy above this is where we call the linear prediction broken
 breakdown_threshold = 0.1
 STALE_MARKER = "report.stale"
@@ -133,8 +139,7 @@ def slope_table(records: Sequence[dict], metrics: Iterable[str] = SLOPE_METRICS)
                     slopes.append(s)
             arr = np.array(slopes)
             rows.append({
-                **{k: settings[k] for k in ("dataset", "n_train", "depth", "activation", "parameterization",
-                                            "learning_rate", "lr_relative", "momentum", "time") if k in settings},
+                **{k: settings[k] for k in _SETTINGS if k in settings},
                 "metric": metric,
                 "slope_mean": float(arr.mean()) if arr.size else float("nan"),
                 "slope_std": float(arr.std(ddof=1)) if arr.size > 1 else (0.0 if arr.size else float("nan")),
@@ -195,8 +200,7 @@ def _groups(records: Sequence[dict]) -> dict[tuple, list[dict]]:
 
 def _group_title(key: tuple, varying: set[str]) -> str:
     d = dict(key)
-    parts = [f"{k}={d[k]}" for k in ("depth", "activation", "parameterization", "learning_rate", "momentum")
-             if k in varying and k in d]
+    parts = [f"{k}={d[k]}" for k in _SETTINGS if k != "n_train" and k in varying and k in d]
     if d.get("lr_relative") and "learning_rate" in varying:
         parts = [p.replace("learning_rate=", "η/η_max=") for p in parts]
     return ", ".join(parts)
@@ -236,12 +240,12 @@ def _geo_stats(vals: list[np.ndarray]):
 
 
 def _plot_vs_width(recs: list[dict], slopes: list[dict], path: Path, title: str) -> None:
-    metrics = ("test_gap", "train_gap", "kernel_drift", "weight_gap")
-    fig = _figure(11, 8)
+    metrics = ("test_gap", "train_gap", "kernel_drift", "lin_trained_test_gap", "lin_trained_train_gap", "weight_gap")
+    fig = _figure(15, 8)
     samples = sorted({r["config"]["n_train"] for r in recs})
     colors = _colors(len(samples))
     for i, metric in enumerate(metrics):
-        ax = fig.add_subplot(2, 2, i + 1)
+        ax = fig.add_subplot(2, 3, i + 1)
         for n, color in zip(samples, colors):
             widths, vals = _by_width(recs, n, metric)
             centre, lo, hi = _geo_stats(vals)
@@ -288,15 +292,23 @@ def _text_color(face) -> str:
     return "black" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "white"
 
 
+def _gap_metric(recs: Sequence[dict]) -> str:
+    """The test discrepancy a map shows: against the closed form where it exists, else the trained f_lin."""
+    if any(r["metrics"].get("closed_form", True) for r in recs):
+        return "test_gap"
+    return "lin_trained_test_gap"
+
+
 def _breakdown_grid(recs: list[dict]):
     """``(widths, samples, median test gap (N × width), all-diverged mask)``; NaN where no point."""
+    metric = _gap_metric(recs)
     widths = sorted({r["config"]["width"] for r in recs})
     samples = sorted({r["config"]["n_train"] for r in recs})
     grid = np.full((len(samples), len(widths)), np.nan)
     diverged = np.zeros_like(grid, dtype=bool)
     for i, n in enumerate(samples):
         for j, w in enumerate(widths):
-            vals = np.array([float(r["metrics"].get("test_gap", np.nan)) for r in recs
+            vals = np.array([float(r["metrics"].get(metric, np.nan)) for r in recs
                              if r["config"]["n_train"] == n and r["config"]["width"] == w])
             if vals.size:
                 if np.all(~np.isfinite(vals)):
@@ -356,7 +368,8 @@ def _breakdown_figure(recs: list[dict], title: str):
     ax.set_xlabel("width")
     ax.set_ylabel("training-set size N")
     cbar = fig.colorbar(im, ax=ax)
-    cbar.set_label("log10 test discrepancy\n(median over seeds)", fontsize=8)
+    what = "vs the closed form" if _gap_metric(recs) == "test_gap" else "vs the trained f_lin"
+    cbar.set_label(f"log10 test discrepancy {what}\n(median over seeds)", fontsize=8)
     ax.set_title(f"where linearization breaks (bold: ≥ {breakdown_threshold:g}; grey: linearized model diverged)"
                  + (f"\n{title}" if title else ""), fontsize=9)
     return fig
@@ -389,12 +402,16 @@ def _plot_curves(records: Sequence[dict], path: Path) -> dict | None:
         for ax, real, lin in ((axes[0], "loss", "loss_lin"), (axes[1], "test_loss", "test_loss_lin")):
             if real in c:
                 ax.plot(steps, _positive(c[real]), "-o", ms=3, color=color, label=f"real, width {w}")
-                ax.plot(steps, _positive(c[lin]), "--", color=color, label=f"linearized, width {w}")
+                if lin in c:
+                    ax.plot(steps, _positive(c[lin]), "--", color=color, label=f"closed form, width {w}")
+                if f"{lin}_trained" in c:
+                    ax.plot(steps, _positive(c[f"{lin}_trained"]), ":", color=color, label=f"trained f_lin, width {w}")
     for ax, name in zip(axes, ("train loss", "test loss")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("step (0 drawn at 0.5)")
-        ax.set_title(f"{name}: real (solid) vs predicted (dashed), N={n}, seed {seed}", fontsize=9)
+        ax.set_title(f"{name}: real (solid), closed form (dashed), trained f_lin (dotted), N={n}, seed {seed}",
+                     fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         _legend(ax, 7)
     _save(fig, path)
@@ -567,9 +584,7 @@ def _render(out: Path, records: list[dict]) -> list[str]:
     for idx, (key, recs) in enumerate(groups.items()):
         suffix = "" if len(groups) == 1 else f"_{idx}"
         title = _group_title(key, varying)
-        group_slopes = [s for s in slopes if all(s.get(k) == dict(key).get(k) for k in
-                                                 ("depth", "activation", "parameterization", "learning_rate",
-                                                  "lr_relative", "momentum", "time", "dataset"))]
+        group_slopes = [s for s in slopes if all(s.get(k) == dict(key).get(k) for k in _SETTINGS if k != "n_train")]
         converging = [r for r in recs if not r["metrics"].get("linear_diverged", False)]
         if len({r["config"]["width"] for r in converging}) >= 2:
             name = f"discrepancy_vs_width{suffix}.png"
@@ -601,13 +616,20 @@ def _render(out: Path, records: list[dict]) -> list[str]:
         "",
         "Definitions (per point, max over the recorded steps t):",
         "",
-        "- **test/train discrepancy**: `‖f(θ_t) − f^lin_t‖ / ‖f(θ_0) − Y‖` on the test/train inputs, "
-        "`f^lin_t` from Eq. 9/10 (closed form from the empirical NTK at θ₀).",
+        "- **test/train discrepancy** (`test_gap`, `train_gap`): `‖f(θ_t) − f^lin_t‖ / ‖f(θ_0) − Y‖` on the "
+        "test/train inputs, `f^lin_t` from Eq. 9/10 (closed form from the empirical NTK at θ₀).",
+        "- **vs trained f_lin** (`lin_trained_test_gap`, `lin_trained_train_gap`): the same with `f^lin_t` "
+        "replaced by the linearized network `f_lin(θ) = f(θ_0) + J(θ − θ_0)` trained with the real network's "
+        "optimizer, loss, minibatch order and steps — the network's nonlinearity alone, for every optimizer.",
         "- **kernel drift**: `‖Θ(θ_T) − Θ(θ_0)‖_F / ‖Θ(θ_0)‖_F` on the training inputs.",
         "- **weight gap**: `‖θ_t − θ^lin_t‖ / ‖θ_t − θ_0‖`, `θ^lin_t` the Eq. 8 weights.",
         "- **f_lin(θ^lin) vs Eq. 9/10**: the linearized network at the Eq. 8 weights against the "
         "function-space prediction — round-off by construction, the proof that the other gaps are the "
         "network's nonlinearity and not our numerics.",
+        "",
+        "## Which comparison each number is",
+        "",
+        _comparisons_text(records),
         "",
         "## Slopes against width",
         "",
@@ -619,8 +641,7 @@ def _render(out: Path, records: list[dict]) -> list[str]:
     if slopes:
         slope_rows = [{**s, "slope": f"{s['slope_mean']:.2f} ± {s['slope_std']:.2f} "
                                      f"({s['slope_min']:.2f} … {s['slope_max']:.2f})"} for s in slopes]
-        cols = [c for c in ("n_train", "depth", "activation", "parameterization", "learning_rate")
-                if c in varying or c == "n_train"]
+        cols = [c for c in _SETTINGS if c in varying or c == "n_train"]
         md += [_md_table(slope_rows, cols + ["metric", "slope", "seeds", "widths"]), ""]
     else:
         md += ["(fewer than two widths: no slopes)", ""]
@@ -628,7 +649,8 @@ def _render(out: Path, records: list[dict]) -> list[str]:
         if kind == "width":
             md += [f"### Discrepancy vs width{(' — ' + title) if title else ''}", "", f"![discrepancy vs width]({name})", ""]
     md += ["## Where linearization breaks", "",
-           f"Median test discrepancy over seeds; bold cells are ≥ {breakdown_threshold:g}. "
+           f"Median test discrepancy over seeds (against the closed form where it exists, else against the "
+           f"trained f_lin; the colour bar says which); bold cells are ≥ {breakdown_threshold:g}. "
            "It falls with width and grows with N at fixed width.", ""]
     for kind, name, title in figures:
         if kind == "breakdown":
@@ -657,6 +679,34 @@ def _render(out: Path, records: list[dict]) -> list[str]:
     (out / "report.md").write_text("\n".join(md))
     written["report.md"] = out / "report.md"
     return list(written)
+
+
+def _comparisons_text(records: Sequence[dict]) -> str:
+    """Which comparisons the points of this report hold (closed form, trained f_lin), in words."""
+    kinds = defaultdict(int)
+    for r in records:
+        c = r["config"]
+        kinds[(c.get("optimizer", "sgd"), int(c.get("batch_size", 0) or 0), c.get("loss", "mse"),
+               bool(r["metrics"].get("closed_form", True)))] += 1
+    lines = ["Every point compares the real network with the linearized network `f_lin` trained the same way "
+             "(`lin_trained_*`)."]
+    for (optimizer, batch, loss, closed), count in sorted(kinds.items()):
+        how = f"{count} point{'s' if count != 1 else ''}: {optimizer}, {'batch ' + str(batch) if batch else 'full batch'}, {loss} loss"
+        if closed and batch:
+            how += (" — also against the closed form for full-batch "
+                    + ("heavy ball" if optimizer == "momentum" else "GD")
+                    + " (`test_gap`, …), so the minibatch noise counts in those numbers, not in `lin_trained_*`.")
+        elif closed:
+            how += (" — also against the closed form (`test_gap`, `eq8_*`, `weight_gap`), the exact linearized "
+                    + ("heavy-ball" if optimizer == "momentum" else "gradient-descent") + " dynamics.")
+        elif loss != "mse":
+            how += (" — softmax cross-entropy has no closed form: only the linearized-training comparison "
+                    "exists; the closed-form columns are NaN.")
+        else:
+            how += f" — {optimizer} has no closed form: only the linearized-training comparison exists; " \
+                   "the closed-form columns are NaN."
+        lines.append("- " + how)
+    return "\n".join(lines)
 
 
 def _setup_text(records: Sequence[dict], varying: set[str]) -> str:
@@ -696,6 +746,7 @@ def width_n_rows(records: Sequence[dict]) -> list[dict]:
             "N": n, "width": w, "seeds": len({r["config"]["seed"] for r in recs}), "points": len(recs),
             "test gap": med("test_gap"), "train gap": med("train_gap"),
             "kernel drift": med("kernel_drift"), "weight gap": med("weight_gap"),
+            "vs trained f_lin": med("lin_trained_test_gap"),
             "f(θ^lin) gap": med("eq8_test_gap"),
             "f_lin(θ^lin) vs Eq.9/10": max(float(m.get("lin_consistency", np.nan)) for m in ms),
         })

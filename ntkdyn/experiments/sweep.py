@@ -60,10 +60,13 @@ from typing import Any, Callable, Iterable, Iterator
 import jax
 import numpy as np
 
-from ntkdyn import models
+from ntkdyn import _validate, models
 from ntkdyn._version import __version__
 from ntkdyn.dynamics import UnstableLearningRateWarning
-from ntkdyn.experiments.data import DATASETS, Dataset, load_dataset
+from ntkdyn.experiments import families
+from ntkdyn.experiments.data import DATASETS, SUBSETS, Dataset, file_hash, is_npz, load_dataset, read_npz
+from ntkdyn.experiments.families import MODEL_FAMILIES
+from ntkdyn.experiments.train import LOSSES, OPTIMIZERS, make_optimizer, probability_rows
 from ntkdyn.experiments.executors import Executor, failure_record, resolve_executor, run_points
 
 __all__ = [
@@ -79,6 +82,9 @@ __all__ = [
     "ResultsLocked",
     "sweep",
     "run_point",
+    "run_seed_group",
+    "run_points_batched",
+    "seed_groups",
     "point_key",
     "load_results",
     "prepare_output",
@@ -125,10 +131,14 @@ def _tuple(name: str, values, kind) -> tuple:
 
 # every point's configuration has exactly these fields (their types: int, number, bool, str)
 _INT_FIELDS = ("n_train", "n_test", "data_seed", "in_features", "out_features", "width", "depth", "seed", "steps",
-               "num_records")
+               "num_records", "batch_size")
 _NUMBER_FIELDS = ("sigma_w", "sigma_b", "learning_rate", "momentum")
 _BOOL_FIELDS = ("lr_relative",)
-_STR_FIELDS = ("dataset", "activation", "parameterization", "time", "dtype")
+_STR_FIELDS = ("dataset", "data_hash", "subset", "model", "model_hash", "activation", "parameterization", "optimizer",
+               "loss", "time", "dtype")
+# family keywords (families.OPTIONS) a family may not take: the grid's default, and what its configs then record
+_UNUSED_OPTIONS = {"depth": (2, 0), "activation": ("erf", ""), "parameterization": ("ntk", ""),
+                   "sigma_w": (1.5, 0.0), "sigma_b": (0.05, 0.0)}
 CONFIG_FIELDS = frozenset(_INT_FIELDS + _NUMBER_FIELDS + _BOOL_FIELDS + _STR_FIELDS)
 
 
@@ -140,12 +150,29 @@ class SweepGrid:
       widths: hidden widths (≥ 1).
       samples: training-set sizes N (≥ 1).
       seeds: network-initialization seeds (≥ 0); the data are fixed by ``data_seed``.
-      depths: numbers of hidden layers (≥ 1).
+      depths: numbers of hidden layers (≥ 1; blocks of ``resmlp``, convolutions of ``cnn``).
       learning_rates: η (> 0); multiples of the stability limit
         ``2(1+β)n/λ_max`` of each point's Θ₀ when ``lr_relative``.
       activations, parameterizations: see :mod:`ntkdyn.models`.
-      dataset: ``"synthetic"`` or ``"digits"`` (:mod:`ntkdyn.experiments.data`).
+      dataset: ``"synthetic"``, ``"digits"`` or the path of a ``.npz`` with
+        ``x_train, y_train, x_test, y_test`` (:mod:`ntkdyn.experiments.data`;
+        configs record its absolute path and content hash).
       n_test: test-set size.
+      subset: which rows of a ``.npz`` ``samples`` takes: ``"first"`` N, or
+        ``"random"`` (a permutation from ``data_seed``).
+      model: the network family (:mod:`ntkdyn.experiments.families`): ``"mlp"``
+        (default), ``"cnn"``, ``"resmlp"``, ``"path/file.py:NAME"``,
+        ``"package.module:NAME"`` or a top-level function; configs record
+        its import path and source hash. Options the family does not take
+        (``depths``, ``activations``, ``parameterizations``) must stay at
+        their defaults and are recorded as 0 / ``""``.
+      optimizer: ``"sgd"`` (GD; heavy ball when ``momentum`` > 0, recorded
+        as ``"momentum"``), ``"momentum"`` or ``"adam"``; the real and the
+        linearized network are trained with it.
+      batch_size: minibatch size B ≤ min(samples), None or 0 for full batch
+        (minibatch order from the point's seed, shared by both trainings).
+      loss: ``"mse"`` or ``"cross_entropy"`` (classification data: digits, or a
+        ``.npz`` with integer labels or probability rows; no closed form).
       steps: real training steps per point; num_records: recorded steps (log-spaced).
       time: prediction clock, ``"discrete"`` or ``"continuous"``.
       momentum: heavy-ball β in [0, 1) (real and predicted).
@@ -174,6 +201,11 @@ class SweepGrid:
     in_features: int = 8
     out_features: int = 1
     dtype: str = "float32"
+    model: Any = "mlp"
+    optimizer: str = "sgd"
+    batch_size: int | None = None
+    loss: str = "mse"
+    subset: str = "first"
 
     def validate(self) -> "SweepGrid":
         """Check every field; returns a normalized copy (tuples, ints, floats). Raises ValueError."""
@@ -197,8 +229,10 @@ class SweepGrid:
         bad = [p for p in params if p not in models.PARAMETERIZATIONS]
         if bad:
             raise ValueError(f"parameterizations: expected names from {list(models.PARAMETERIZATIONS)}, got {bad}")
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset: expected one of {sorted(DATASETS)}, got {self.dataset!r}")
+        if not is_npz(self.dataset) and self.dataset not in DATASETS:
+            raise ValueError(
+                f"dataset: expected one of {sorted(DATASETS)} or the path of a .npz file, got {self.dataset!r}"
+            )
         for name in ("n_test", "steps", "num_records", "data_seed", "in_features", "out_features"):
             value = getattr(self, name)
             lo = {"steps": 1, "num_records": 2, "data_seed": 0}.get(name, 1)
@@ -233,11 +267,38 @@ class SweepGrid:
                     f"samples: the {out_features}-class digits set has {available} images; "
                     f"max(samples) + n_test = {worst} does not fit"
                 )
+        dataset = self.dataset
+        if is_npz(dataset):
+            dataset, in_features, out_features = _check_npz(dataset, samples, int(self.n_test), out_features,
+                                                            self.loss)
+        _validate.choice("subset", self.subset, SUBSETS)
+        if self.subset != "first" and not is_npz(dataset):
+            raise ValueError(f"subset: {self.subset!r} is for .npz data; {dataset} has its own seeded split")
+        model, _ = families.resolve(self.model)
+        unused = set(_UNUSED_OPTIONS) - families.accepted_options(families.load(model))
+        for name, values in (("depths", depths), ("activations", activations), ("parameterizations", params)):
+            option = name[:-1] if name != "depths" else "depth"
+            if option in unused and values != (_UNUSED_OPTIONS[option][0],):
+                raise ValueError(f"{name}: the model family {model!r} takes no {option}= keyword, got {list(values)}")
+        optimizer = _check_optimizer(self.optimizer, float(self.momentum))
+        _validate.choice("loss", self.loss, LOSSES)
+        if self.loss == "cross_entropy" and dataset == "synthetic":
+            raise ValueError("loss: cross_entropy needs classification data (digits or a .npz with class labels), "
+                             "got the synthetic regression task")
+        batch_size = 0 if self.batch_size is None else self.batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or not (
+            0 <= batch_size <= min(samples)
+        ):
+            raise ValueError(
+                f"batch_size: expected None/0 (full batch) or an integer in [1, min(samples)={min(samples)}], "
+                f"got {self.batch_size!r}"
+            )
         return dataclasses.replace(
             self, widths=widths, samples=samples, seeds=seeds, depths=depths, learning_rates=lrs,
             activations=activations, parameterizations=params, n_test=int(self.n_test), steps=int(self.steps),
             num_records=int(self.num_records), data_seed=int(self.data_seed), in_features=in_features,
             out_features=out_features, momentum=float(self.momentum), lr_relative=bool(self.lr_relative),
+            dataset=dataset, model=model, optimizer=optimizer, batch_size=int(batch_size),
         )
 
     def points(self) -> list[dict]:
@@ -247,12 +308,17 @@ class SweepGrid:
         interrupted sweep has whole width series for the first seeds.
         """
         g = self.validate()
+        model, model_hash = families.resolve(g.model)
+        unused = set(_UNUSED_OPTIONS) - families.accepted_options(families.load(model, model_hash))
+        data_hash = file_hash(g.dataset) if is_npz(g.dataset) else ""
         out = []
         for seed, n, lr, depth, act, par, width in itertools.product(
             g.seeds, g.samples, g.learning_rates, g.depths, g.activations, g.parameterizations, g.widths
         ):
-            out.append({
+            config = {
                 "dataset": g.dataset,
+                "data_hash": data_hash,
+                "subset": g.subset,
                 "n_train": n,
                 "n_test": g.n_test,
                 "data_seed": g.data_seed,
@@ -272,8 +338,40 @@ class SweepGrid:
                 "num_records": g.num_records,
                 "time": g.time,
                 "dtype": g.dtype,
-            })
+                "model": model,
+                "model_hash": model_hash,
+                "optimizer": g.optimizer,
+                "batch_size": g.batch_size,
+                "loss": g.loss,
+            }
+            config.update({name: _UNUSED_OPTIONS[name][1] for name in unused})
+            out.append(config)
         return out
+
+
+def _check_optimizer(optimizer: str, momentum: float) -> str:
+    """The optimizer's recorded name: plain ``"sgd"`` with β > 0 is heavy ball, recorded as ``"momentum"``."""
+    _validate.choice("optimizer", optimizer, OPTIMIZERS)
+    if optimizer == "sgd" and momentum > 0:
+        return "momentum"
+    make_optimizer(optimizer, 1.0, momentum)  # ValueError naming momentum when the optimizer cannot take it
+    return optimizer
+
+
+def _check_npz(path, samples: tuple[int, ...], n_test: int, out_features: int, loss: str) -> tuple[str, int, int]:
+    """``(absolute path, in_features, out_features)`` of a .npz data set, checked against the grid."""
+    path = Path(path).expanduser().resolve()
+    arrays = read_npz(path)
+    n_available, k = arrays["x_train"].shape[0], arrays["y_train"].shape[1]
+    if max(samples) > n_available:
+        raise ValueError(f"samples: {str(path)!r} has {n_available} rows in x_train, asked for {max(samples)}")
+    if n_test > arrays["x_test"].shape[0]:
+        raise ValueError(f"n_test: {str(path)!r} has {arrays['x_test'].shape[0]} rows in x_test, asked for {n_test}")
+    if out_features not in (1, k):
+        raise ValueError(f"out_features: {str(path)!r} has {k} outputs per target, got {out_features}")
+    if loss == "cross_entropy":
+        probability_rows("y_train", arrays["y_train"])
+    return str(path), int(math.prod(arrays["x_train"].shape[1:])), int(k)
 
 
 def _digits_count(num_classes: int) -> int:
@@ -575,34 +673,38 @@ def _repair(path: Path, scan: _Scan) -> None:
 # --------------------------------------------------------------------------- #
 
 
-def _mlp_family(config: dict, in_features: int, out_features: int):
-    """The built-in family: :class:`ntkdyn.models.MLP` of the config's width, depth, activation, scaling."""
-    from flax import nnx
-
-    module = models.MLP(
-        in_features, out_features, width=config["width"], depth=config["depth"], activation=config["activation"],
-        parameterization=config["parameterization"], sigma_w=config["sigma_w"], sigma_b=config["sigma_b"],
-        rngs=nnx.Rngs(config["seed"]), dtype=config["dtype"],
-    )
-    return models.as_apply_fn(module)
-
-
-# model families by name: family(config, in_features, out_features) -> (Model, params)
-MODEL_FAMILIES: dict[str, Callable[[dict, int, int], tuple[Any, Any]]] = {"mlp": _mlp_family}
-
-
 def _dataset(config: dict, cache: dict) -> Dataset:
+    """The point's data set (shared through ``cache``); a .npz must still hash to ``config["data_hash"]``."""
     c = config
-    key = (c["dataset"], c["n_train"], c["n_test"], c["data_seed"], c["in_features"], c["out_features"], c["dtype"])
+    key = (c["dataset"], c["data_hash"], c["subset"], c["n_train"], c["n_test"], c["data_seed"], c["in_features"],
+           c["out_features"], c["dtype"], c["loss"])
     if key not in cache:
-        options = (
-            {"in_features": c["in_features"], "out_features": c["out_features"]}
-            if c["dataset"] == "synthetic"
-            else {"num_classes": c["out_features"]}
-        )
+        if is_npz(c["dataset"]):
+            digest = file_hash(c["dataset"])
+            if digest != c["data_hash"]:
+                raise ValueError(
+                    f"data: {c['dataset']!r} changed since this point was configured (hash {digest}, recorded "
+                    f"{c['data_hash']}); changed data is a new point: run the sweep again to configure it"
+                )
+            arrays = cache.get(("npz", c["dataset"], digest))
+            if arrays is None:
+                arrays = cache[("npz", c["dataset"], digest)] = read_npz(c["dataset"])
+            options = {"subset": c["subset"], "arrays": arrays}
+        elif c["dataset"] == "synthetic":
+            options = {"in_features": c["in_features"], "out_features": c["out_features"]}
+        else:  # digits: centered one-hot codes for MSE, plain one-hot (class probabilities) for cross-entropy
+            options = {"num_classes": c["out_features"], "centered": c["loss"] != "cross_entropy"}
         cache[key] = load_dataset(c["dataset"], c["n_train"], c["n_test"], seed=c["data_seed"], dtype=c["dtype"],
                                   **options)
     return cache[key]
+
+
+def _network(config: dict, data: Dataset) -> tuple[Any, Any]:
+    """``(Model, θ₀)`` of the point's family at its width and seed (the family's source must still match)."""
+    family = families.load(config["model"], config["model_hash"])
+    options = {name: config[name] for name in families.OPTIONS}
+    return families.build(family, config["width"], seed=config["seed"], input_shape=data.input_shape,
+                          out_features=data.num_outputs, options=options)
 
 
 @contextlib.contextmanager
@@ -633,51 +735,46 @@ def _compile_clock() -> Iterator[Callable[[], float]]:
         jax.monitoring.unregister_event_time_span_listener(listen)
 
 
-def run_point(config: dict, data_cache: dict | None = None) -> dict:
-    """Run :func:`ntkdyn.experiments.compare.compare` for one configuration; return its results record.
-
-    ``data_cache`` (a dict) lets the points of one sweep share data sets. The
-    record's ``timings``: ``setup`` (data and model), ``compile`` (JAX tracing
-    and compilation; 0 when the architecture and shapes were seen before),
-    ``run`` (the rest of the comparison, results on the host).
-    """
-    from ntkdyn.experiments.compare import compare
+def _compare_options(config: dict) -> dict:
+    """The keyword arguments of :func:`~ntkdyn.experiments.compare.compare` that a config fixes (all but the seed)."""
     from ntkdyn.experiments.train import default_record_steps
 
-    tic = time.perf_counter()
-    data = _dataset(config, {} if data_cache is None else data_cache)
-    family = MODEL_FAMILIES[config.get("model", "mlp")]
-    model, params0 = family(config, data.in_features, data.num_outputs)
-    setup = time.perf_counter() - tic
-    with _compile_clock() as compile_seconds, warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnstableLearningRateWarning)
-        result = compare(
-            model, params0, data.x_train, data.y_train,
-            steps=config["steps"], learning_rate=config["learning_rate"], lr_relative=config["lr_relative"],
-            x_test=data.x_test, y_test=data.y_test,
-            record_at=default_record_steps(config["steps"], config["num_records"]),
-            time=config["time"], momentum=config["momentum"],
-        )
-        metrics = result.summary()  # waits for the device
+    return dict(
+        steps=config["steps"], learning_rate=config["learning_rate"], lr_relative=config["lr_relative"],
+        record_at=default_record_steps(config["steps"], config["num_records"]), time=config["time"],
+        momentum=config["momentum"], batch_size=config["batch_size"] or None, optimizer=config["optimizer"],
+        loss=config["loss"],
+    )
+
+
+def _record(config: dict, result, timings: dict[str, float], **extra) -> dict:
+    """The results line of one point from its :class:`~ntkdyn.experiments.compare.Comparison`."""
+    metrics = result.summary()
     steps = np.asarray(result.steps)
-    test = result.test
-    cons = np.asarray(result.train.consistency)
-    if test is not None:
-        cons = np.maximum(cons, np.asarray(test.consistency))
+    test, lt = result.test, result.lin_trained
     curves = {
         "steps": steps,
         "loss": np.asarray(result.loss.train)[steps],
-        "loss_lin": np.asarray(result.loss.train_lin)[steps],
         "test_loss": result.loss.test,
-        "test_loss_lin": result.loss.test_lin,
-        "train_gap": result.train.gap,
-        "test_gap": None if test is None else test.gap,
-        "lin_consistency": cons,
-        "eq8_train_gap": result.train.eq8_gap,
-        "eq8_test_gap": None if test is None else test.eq8_gap,
-        "weight_gap": result.weights.gap,
+        "loss_lin_trained": np.asarray(lt.loss)[steps],
+        "test_loss_lin_trained": lt.test_loss,
+        "lin_trained_train_gap": lt.train_gap,
+        "lin_trained_test_gap": lt.test_gap,
     }
-    seconds, compiled = time.perf_counter() - tic, compile_seconds()
+    if result.closed_form:  # the closed-form columns exist only where Eq. 8/9/10 describe the training
+        cons = np.asarray(result.train.consistency)
+        if test is not None:
+            cons = np.maximum(cons, np.asarray(test.consistency))
+        curves.update({
+            "loss_lin": np.asarray(result.loss.train_lin)[steps],
+            "test_loss_lin": result.loss.test_lin,
+            "train_gap": result.train.gap,
+            "test_gap": None if test is None else test.gap,
+            "lin_consistency": cons,
+            "eq8_train_gap": result.train.eq8_gap,
+            "eq8_test_gap": None if test is None else test.eq8_gap,
+            "weight_gap": result.weights.gap,
+        })
     return {
         "key": point_key(config),
         "config": config,
@@ -685,10 +782,117 @@ def run_point(config: dict, data_cache: dict | None = None) -> dict:
         "jax_version": jax.__version__,
         "metrics": metrics,
         "curves": {k: v for k, v in curves.items() if v is not None},
-        "timings": {"setup": setup, "compile": compiled, "run": seconds - setup - compiled},
-        "seconds": seconds,
+        "timings": timings,
+        "seconds": sum(timings.values()),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
     }
+
+
+def run_point(config: dict, data_cache: dict | None = None) -> dict:
+    """Run :func:`ntkdyn.experiments.compare.compare` for one configuration; return its results record.
+
+    A pure function of the JSON configuration (top level, picklable: workers
+    call it with configs shipped from the driver). ``data_cache`` (a dict)
+    lets the points of one sweep share data sets. The record's ``timings``:
+    ``setup`` (data and model), ``compile`` (JAX tracing and compilation; 0
+    when the architecture and shapes were seen before), ``run`` (the rest of
+    the comparison, results on the host).
+    """
+    from ntkdyn.experiments.compare import compare
+
+    tic = time.perf_counter()
+    data = _dataset(config, {} if data_cache is None else data_cache)
+    model, params0 = _network(config, data)
+    setup = time.perf_counter() - tic
+    with _compile_clock() as compile_seconds, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnstableLearningRateWarning)
+        result = compare(model, params0, data.x_train, data.y_train, x_test=data.x_test, y_test=data.y_test,
+                         seed=config["seed"], **_compare_options(config))
+        result.summary()  # waits for the device
+    seconds, compiled = time.perf_counter() - tic, compile_seconds()
+    return _record(config, result, {"setup": setup, "compile": compiled, "run": seconds - setup - compiled})
+
+
+def _without_seed(config: dict) -> str:
+    return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
+
+
+def seed_groups(configs: Iterable[dict], max_size: int = 8) -> list[list[dict]]:
+    """``configs`` grouped into runs of at most ``max_size`` points that differ only in their seed.
+
+    Groups keep the order of their first point; within a group, the order of
+    ``configs``. Each group is one :func:`run_seed_group` call.
+    """
+    max_size = _validate.count("max_size", max_size, 1)
+    groups: dict[str, list[dict]] = {}
+    for config in configs:
+        groups.setdefault(_without_seed(config), []).append(config)
+    return [group[i:i + max_size] for group in groups.values() for i in range(0, len(group), max_size)]
+
+
+def run_seed_group(configs: list[dict], data_cache: dict | None = None) -> list[dict]:
+    """The records of points that differ only in their seed, from one compiled, vmapped call.
+
+    Every network is built, then :func:`ntkdyn.experiments.compare.compare_seeds`
+    trains and compares them together (real and linearized training, kernels
+    and solves batched over the initializations), so S seeds cost less than S
+    points. Each record equals :func:`run_point`'s for its config to float
+    round-off; its ``timings`` are the group's divided by S and it carries
+    ``seed_batch = S``. Raises ValueError when the configs differ in more than
+    the seed or the family cannot be batched (another graph per seed), and
+    whatever a point raises; :func:`run_points_batched` then runs them one by one.
+    """
+    from ntkdyn.experiments.compare import compare_seeds
+
+    configs = list(configs)
+    if not configs or len({_without_seed(c) for c in configs}) != 1:
+        raise ValueError("configs: expected points that differ only in their seed")
+    if len(configs) == 1:
+        return [run_point(configs[0], data_cache)]
+    tic = time.perf_counter()
+    data = _dataset(configs[0], {} if data_cache is None else data_cache)
+    members = [_network(c, data) for c in configs]
+    setup = time.perf_counter() - tic
+    with _compile_clock() as compile_seconds, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnstableLearningRateWarning)
+        results = compare_seeds(members, data.x_train, data.y_train, x_test=data.x_test, y_test=data.y_test,
+                                seeds=[c["seed"] for c in configs], **_compare_options(configs[0]))
+        for result in results:
+            result.summary()  # waits for the device
+    seconds, compiled = time.perf_counter() - tic, compile_seconds()
+    size = len(configs)
+    timings = {"setup": setup / size, "compile": compiled / size, "run": (seconds - setup - compiled) / size}
+    return [_record(c, r, dict(timings), seed_batch=size) for c, r in zip(configs, results)]
+
+
+def run_points_batched(
+    configs: Iterable[dict], data_cache: dict | None = None, *, max_seeds: int = 8
+) -> Iterator[tuple[dict, dict | None, BaseException | None]]:
+    """Run ``configs`` in process with seed batching: ``(config, record, None)`` or ``(config, None, error)``.
+
+    Points that differ only in their seed run as one :func:`run_seed_group`
+    call (at most ``max_seeds`` at a time); a group that cannot be batched or
+    fails is run again point by point with :func:`run_point`, so every point
+    gets its own record or its own error. Groups come back in the order of
+    their first point, all of a group's points together.
+    """
+    data_cache = {} if data_cache is None else data_cache
+    for group in seed_groups(configs, max_seeds):
+        try:
+            records = run_seed_group(group, data_cache) if len(group) > 1 else None
+        except Exception:  # noqa: BLE001 - rerun one by one: each point gets its own record or error
+            records = None
+        if records is not None:
+            yield from ((c, r, None) for c, r in zip(group, records))
+            continue
+        for config in group:
+            try:
+                record = run_point(config, data_cache)
+            except Exception as err:  # noqa: BLE001 - one bad point must not end the sweep
+                yield config, None, err
+            else:
+                yield config, record, None
 
 
 # --------------------------------------------------------------------------- #

@@ -1,11 +1,14 @@
 """Real training of the (nonlinear) network with optax.
 
-Loss (docs/conventions): ``L(θ) = 1/(2·N·K) · Σ (f(θ, X) − Y)² = mean(optax.l2_loss(f, Y))``.
-The default optimizer is full-batch gradient descent ``θ ← θ − η ∇L(θ)``
+Loss (docs/conventions): ``L(θ) = 1/(2·N·K) · Σ (f(θ, X) − Y)² = mean(optax.l2_loss(f, Y))``;
+``loss="cross_entropy"`` trains classification targets (rows of class
+probabilities, e.g. one-hot) on ``L(θ) = −1/N · Σ_i Σ_k Y_ik log softmax(f(θ, x_i))_k``
+instead (:data:`LOSSES`). The default optimizer is full-batch gradient descent ``θ ← θ − η ∇L(θ)``
 (``optax.sgd(η)``), the dynamics Lee et al. (2019) linearize; ``batch_size``
 switches to shuffled minibatch SGD (every epoch a fresh permutation, the
 incomplete last batch dropped) and any optax optimizer can be passed, e.g.
-``optax.sgd(η, momentum=β)`` for heavy-ball momentum.
+``optax.sgd(η, momentum=β)`` for heavy-ball momentum. :data:`OPTIMIZERS`
+names the ones the sweep builds from ``(η, β)``: ``sgd``, ``momentum``, ``adam``.
 
 The whole run is one jitted ``lax.scan`` over steps. Outputs (and, when
 asked, weights and a user ``record_fn``) are written into preallocated
@@ -33,7 +36,17 @@ from ntkdyn import _validate
 from ntkdyn.kernels import output_shape
 from ntkdyn.models import Model, as_model
 
-__all__ = ["TrainResult", "train", "default_record_steps", "record_steps", "mse_loss"]
+__all__ = [
+    "TrainResult",
+    "train",
+    "default_record_steps",
+    "record_steps",
+    "mse_loss",
+    "cross_entropy_loss",
+    "LOSSES",
+    "OPTIMIZERS",
+    "make_optimizer",
+]
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -65,6 +78,51 @@ class TrainResult:
 def mse_loss(fx: jax.Array, y: jax.Array) -> jax.Array:
     """``1/(2·N·K) · Σ (fx − y)²`` — the loss every part of ntkdyn uses."""
     return jnp.mean(optax.l2_loss(fx, y))
+
+
+def cross_entropy_loss(fx: jax.Array, y: jax.Array) -> jax.Array:
+    """``−1/N · Σ_i Σ_k y_ik log softmax(fx_i)_k``: softmax cross-entropy of logits ``fx`` (N, K), probability rows ``y``."""
+    return jnp.mean(optax.softmax_cross_entropy(fx, y))
+
+
+# the training objectives by name: loss(fx (N, K), y (N, K)) -> scalar
+LOSSES: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+    "mse": mse_loss,
+    "cross_entropy": cross_entropy_loss,
+}
+
+
+def _sgd(learning_rate, momentum: float = 0.0) -> optax.GradientTransformation:
+    """``θ ← θ − η ∇L`` (``optax.sgd(η)``); heavy ball ``v ← βv + ∇L, θ ← θ − ηv`` when β > 0."""
+    return optax.sgd(learning_rate, momentum=momentum if momentum > 0 else None)
+
+
+def _momentum(learning_rate, momentum: float = 0.0) -> optax.GradientTransformation:
+    """Heavy ball ``v ← βv + ∇L, θ ← θ − ηv`` (``optax.sgd(η, momentum=β)``), β in (0, 1)."""
+    if not momentum > 0:
+        raise ValueError(f"momentum: the 'momentum' optimizer needs β in (0, 1), got {momentum!r}")
+    return optax.sgd(learning_rate, momentum=momentum)
+
+
+def _adam(learning_rate, momentum: float = 0.0) -> optax.GradientTransformation:
+    """``optax.adam(η)`` with its defaults (b1 0.9, b2 0.999, eps 1e-8); takes no heavy-ball β."""
+    if momentum:
+        raise ValueError(f"momentum: adam takes no heavy-ball β, got {momentum!r} (its b1 is optax's default 0.9)")
+    return optax.adam(learning_rate)
+
+
+# optimizers by name, built from (η, β): make(learning_rate, momentum) -> GradientTransformation
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": _sgd,
+    "momentum": _momentum,
+    "adam": _adam,
+}
+
+
+def make_optimizer(name: str, learning_rate, momentum: float = 0.0) -> optax.GradientTransformation:
+    """The optimizer ``name`` (one of :data:`OPTIMIZERS`) with rate η (may be traced) and heavy-ball β."""
+    _validate.choice("optimizer", name, OPTIMIZERS)
+    return OPTIMIZERS[name](learning_rate, momentum)
 
 
 def default_record_steps(steps: int, num: int = 16) -> np.ndarray:
@@ -130,7 +188,8 @@ class Inputs(NamedTuple):
 
 
 def check_inputs(
-    model: Model, params0, x_train, y_train, x_test, *, steps, learning_rate, optimizer, batch_size, seed
+    model: Model, params0, x_train, y_train, x_test, *, steps, learning_rate, optimizer, batch_size, seed,
+    loss: str = "mse",
 ) -> Inputs:
     """Every eager check of :func:`train` (shared by :func:`ntkdyn.experiments.compare.compare`).
 
@@ -150,6 +209,9 @@ def check_inputs(
             f"got {tuple(y_train.shape)}"
         )
     _validate.finite("y_train", y_train)
+    _validate.choice("loss", loss, LOSSES)
+    if loss == "cross_entropy":
+        probability_rows("y_train", y_train)
     if x_test is not None:
         x_test = _validate.batch("x_test", x_test)
         if x_test.shape[1:] != x_train.shape[1:]:
@@ -177,6 +239,23 @@ def check_inputs(
     dtype = jax.eval_shape(model, params0, x_train[:1]).dtype
     return Inputs(x_train, y_train, x_test, steps, learning_rate, batch_size, seed,
                   jax.ShapeDtypeStruct(tuple(out), dtype))
+
+
+def probability_rows(name: str, y) -> None:
+    """ValueError naming ``name`` unless every row of a concrete ``y`` (N, K) is a probability vector.
+
+    Cross-entropy targets: entries in [0, 1], rows summing to 1 (to 1e-4),
+    e.g. one-hot class codes.
+    """
+    if not _validate.is_concrete(y):
+        return
+    arr = np.asarray(y, dtype=np.float64)
+    if arr.min() < 0 or arr.max() > 1 or np.max(np.abs(arr.sum(axis=1) - 1.0)) > 1e-4:
+        raise ValueError(
+            f"{name}: loss='cross_entropy' needs rows of class probabilities (entries in [0, 1] summing to 1, "
+            f"e.g. one-hot), got values in [{arr.min():.3g}, {arr.max():.3g}] with row sums from "
+            f"{arr.sum(axis=1).min():.3g} to {arr.sum(axis=1).max():.3g}"
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -209,6 +288,7 @@ def run(
     keep_params: bool = False,
     record_fn: Callable[[Any], Any] | None = None,
     record_slot_fn: Callable[[jax.Array, Any], Any] | None = None,
+    loss: str = "mse",
 ):
     """The training loop as a pure function of arrays (inputs checked by :func:`check_inputs`).
 
@@ -216,10 +296,12 @@ def run(
     the buffers receive ``f(θ_s, X)``, ``f(θ_s, X*)``, θ_s (``keep_params``),
     ``record_fn(θ_s)`` and ``record_slot_fn(slot, θ_s)`` (a hook for callers
     tracing this function inside their own program, e.g. comparing against
-    per-step precomputed arrays). Returns ``(buffers, losses, θ_steps)``.
+    per-step precomputed arrays). ``loss`` names the objective (:data:`LOSSES`).
+    Returns ``(buffers, losses, θ_steps)``.
     """
     # built inside the trace so a new learning rate does not recompile
     opt = optax.sgd(learning_rate) if optimizer is None else optimizer
+    objective = LOSSES[loss]
     n = x.shape[0]
 
     def record(slot, params, fx):
@@ -247,7 +329,7 @@ def run(
 
     def full_loss(params):
         fx = model(params, x)
-        return mse_loss(fx, y), fx
+        return objective(fx, y), fx
 
     if batch_size is not None:
         per_epoch = n // batch_size
@@ -256,7 +338,7 @@ def run(
             epoch, pos = s // per_epoch, s % per_epoch
             perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
             idx = jax.lax.dynamic_slice_in_dim(perm, pos * batch_size, batch_size)
-            return jax.grad(lambda p: mse_loss(model(p, x[idx]), y[idx]))(params)
+            return jax.grad(lambda p: objective(model(p, x[idx]), y[idx]))(params)
 
     def body(carry, s):
         params, opt_state, bufs = carry
@@ -281,7 +363,7 @@ def run(
 # The model is traced; the optimizer and record_fn are static (hashed by identity):
 # reuse one optimizer object and one function across calls to reuse the compiled loop.
 _run_jit = jax.jit(
-    run, static_argnames=("optimizer", "steps", "batch_size", "num_records", "keep_params", "record_fn")
+    run, static_argnames=("optimizer", "steps", "batch_size", "num_records", "keep_params", "record_fn", "loss")
 )
 
 
@@ -300,8 +382,9 @@ def train(
     seed: int = 0,
     keep_params: bool = False,
     record_fn: Callable[[Any], Any] | None = None,
+    loss: str = "mse",
 ) -> TrainResult:
-    """Train ``apply_fn`` from ``params0`` on ``L = mean(optax.l2_loss(f(θ, X), Y))``.
+    """Train ``apply_fn`` from ``params0`` on ``L = mean(optax.l2_loss(f(θ, X), Y))`` (or cross-entropy).
 
     Update per step s = 0 … steps−1 (default optimizer, full batch)::
 
@@ -331,6 +414,9 @@ def train(
         ``records``. It is a static argument (hashed by identity): pass the same
         function object to reuse the compilation; it must not close over arrays
         that change between calls.
+      loss: ``"mse"`` (default, the loss above) or ``"cross_entropy"``
+        (softmax cross-entropy of the outputs as logits; ``y_train`` rows must
+        be class probabilities, e.g. one-hot).
 
     Returns:
       :class:`TrainResult`. Divergent training is not an error: the recorded
@@ -341,7 +427,7 @@ def train(
         raise TypeError(f"record_fn: expected a callable record_fn(params) -> pytree, got {record_fn!r}")
     inputs = check_inputs(
         model, params0, x_train, y_train, x_test, steps=steps, learning_rate=learning_rate,
-        optimizer=optimizer, batch_size=batch_size, seed=seed,
+        optimizer=optimizer, batch_size=batch_size, seed=seed, loss=loss,
     )
     recorded = record_steps(record_at, inputs.steps)
     # η in the params' dtype, as optax.sgd(η) with a Python float would apply it
@@ -363,6 +449,7 @@ def train(
         num_records=int(recorded.size),
         keep_params=bool(keep_params),
         record_fn=record_fn,
+        loss=loss,
     )
     return TrainResult(
         steps=jnp.asarray(recorded),

@@ -6,16 +6,19 @@ The core API (this namespace)::
     (adapters,  (empirical NTK,  (eigh, per-mode   (one closed-form    (predict,
      builders)   operator)        functions)        solver)             Prediction)
 
-Subpackages: :mod:`ntkdyn.kernels` (the NTK method family), :mod:`ntkdyn.experiments`
+Subpackages: :mod:`ntkdyn.kernels` (the NTK method family), :mod:`ntkdyn.krylov`
+(matrix-free predictions at any N, sharded), :mod:`ntkdyn.infinite` (analytic
+infinite-width NNGP/NTK and ensemble predictions), :mod:`ntkdyn.experiments`
 (data, training, comparison, sweeps, reports, the ``ntkdyn`` command; imported on
 first use so that ``import ntkdyn`` never loads matplotlib, tqdm or scikit-learn),
 and the companions :mod:`ntkdyn.curvature` and :mod:`ntkdyn.implicit`.
 """
 
 from ntkdyn._version import __version__
-from ntkdyn import curvature, dynamics, implicit, kernels, models, spectral
+from ntkdyn import curvature, dynamics, implicit, infinite, kernels, krylov, models, spectral
 from ntkdyn.dynamics import UnstableLearningRateWarning, function_space, max_learning_rate, parameter_space
 from ntkdyn.implicit import SolverNotConverged
+from ntkdyn.krylov import KrylovConvergenceWarning
 from ntkdyn.kernels import empirical_ntk, ntk_vp
 from ntkdyn.linearization import linearize
 from ntkdyn.prediction import Prediction, predict
@@ -34,10 +37,13 @@ __all__ = [
     "Prediction",
     "Spectrum",
     "UnstableLearningRateWarning",
+    "KrylovConvergenceWarning",
     "SolverNotConverged",
     # subpackages and modules
     "models",
     "kernels",
+    "infinite",
+    "krylov",
     "spectral",
     "dynamics",
     "curvature",

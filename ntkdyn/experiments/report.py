@@ -675,7 +675,10 @@ def _render(out: Path, records: list[dict]) -> list[str]:
     md += ["## Numerics check", "",
            (f"`f_lin(θ^lin_t)` against Eq. 9/10, worst over all {cons.size} converging points: "
             f"**{cons.max():.2g}** (relative; dtype {', '.join(dtypes)}). Round-off, at every width."
-            if cons.size else "No converging points to check."), ""]
+            if cons.size else "No converging points to check." if any(
+                r["metrics"].get("closed_form", True) for r in records)
+            else "No point has a closed form (Eq. 8/9/10), so there is nothing to check here; the `lin_trained_*` "
+                 "comparisons need none."), ""]
     (out / "report.md").write_text("\n".join(md))
     written["report.md"] = out / "report.md"
     return list(written)
@@ -711,7 +714,7 @@ def _comparisons_text(records: Sequence[dict]) -> str:
 
 def _setup_text(records: Sequence[dict], varying: set[str]) -> str:
     first = records[0]["config"]
-    fixed = {k: v for k, v in first.items() if k not in varying}
+    fixed = {k: v for k, v in first.items() if k not in varying and not _unused_option(k, v)}
     grid = defaultdict(set)
     for r in records:
         for k in varying:
@@ -722,6 +725,11 @@ def _setup_text(records: Sequence[dict], varying: set[str]) -> str:
     if first.get("lr_relative"):
         lines.append("Learning rates are multiples of each point's stability limit η_max.")
     return "  \n".join(lines)
+
+
+def _unused_option(name: str, value) -> bool:
+    """An empty field (no hash for built-ins) or a keyword the family does not take (recorded as 0 or "")."""
+    return value == "" or (name in ("depth", "sigma_w", "sigma_b") and value == 0)
 
 
 def _value_key(v):

@@ -36,6 +36,7 @@ __all__ = [
     "symmetric_psd",
     "positive_definite",
     "times",
+    "whole_steps",
     "positive_scalar",
     "nonnegative_scalar",
     "fraction",
@@ -222,6 +223,19 @@ def times(t) -> tuple[jax.Array, bool]:
         if np.any(values < 0):
             raise ValueError(f"t: expected times >= 0, got {values[values < 0].min()}")
     return jnp.atleast_1d(arr), arr.ndim == 0
+
+
+def whole_steps(t) -> None:
+    """ValueError naming ``t`` when concrete finite times are not whole steps (heavy-ball momentum)."""
+    if not is_concrete(t):
+        return
+    values = np.asarray(t, dtype=np.float64)
+    finite_values = values[np.isfinite(values)]
+    fractional = finite_values[finite_values != np.round(finite_values)]
+    if fractional.size:
+        raise ValueError(
+            f"t: heavy-ball momentum is defined on whole steps only; got fractional t={fractional[0]}"
+        )
 
 
 def _real_scalar(name: str, value, kind: str):

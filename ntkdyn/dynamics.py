@@ -113,7 +113,7 @@ def _problem(
         _validate.finite("k_test_train", k_st)
     _validate.finite("k_train_train", k_tt)
     if beta > 0:
-        spectral._check_whole_steps(times)
+        _validate.whole_steps(times)
     dtype = jnp.result_type(k_tt, fx_train_0)
     n = n_train * outputs
     mat = (k_tt if traced else flatten_kernel(k_tt)).astype(dtype)

@@ -273,15 +273,9 @@ def _predict_krylov(
     """The Krylov branch of :func:`predict`: checks, :func:`ntkdyn.krylov.predict_operator`, eager diagnostics."""
     from ntkdyn import spectral
 
-    _validate.choice("time", time, spectral.TIMES)
-    beta = _validate.fraction("momentum", momentum)
-    if beta > 0 and time != "discrete":
-        raise ValueError(
-            "time: heavy-ball momentum is defined on discrete steps only; pass time='discrete' "
-            f"(its small-step limit is gradient flow with learning_rate/(1 − momentum)), got time={time!r}"
-        )
+    beta = _validate.clock(time, momentum, spectral.TIMES)
     if beta > 0:
-        spectral._check_whole_steps(times)
+        _validate.whole_steps(times)
     _validate.positive_scalar("learning_rate", learning_rate)
     _validate.nonnegative_scalar("diag_reg", diag_reg)
     rcond = _validate.rcond(rcond)

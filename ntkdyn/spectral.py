@@ -286,7 +286,7 @@ def modes(lam, t, *, learning_rate, n, time: str = "continuous", momentum: float
     else:
         dtype = jnp.result_type(lam1.dtype, t1.dtype, float)
         lam1, t1 = lam1.astype(dtype), t1.astype(dtype)
-        _check_whole_steps(t1)
+        _validate.whole_steps(t1)
         e, g = _heavy_ball_core(lam1, t1, learning_rate, _num_bits(t1), momentum=beta, n=int(n))
         fitted = 1.0 - e
     if scalar_t:
@@ -321,18 +321,6 @@ def decay_curve(lam, steps: int, *, learning_rate, n, time: str = "discrete", mo
     init = (jnp.ones_like(lam), jnp.zeros_like(lam))
     _, rs = jax.lax.scan(step, init, None, length=steps)
     return jnp.concatenate([init[0][None], rs], axis=0)
-
-
-def _check_whole_steps(t: jax.Array) -> None:
-    if not _validate.is_concrete(t):
-        return
-    values = np.asarray(t, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    if np.any(finite != np.round(finite)):
-        raise ValueError(
-            "t: heavy-ball momentum is defined on whole steps only; "
-            f"got fractional t={finite[finite != np.round(finite)][0]}"
-        )
 
 
 def _step_offset(lam: jax.Array, learning_rate, momentum: float, n: int) -> jax.Array:

@@ -38,8 +38,8 @@ fluctuations ``O(width^−½)``; gradient descent on it needs ``η = O(1/width)`
 
 **Activations.** Closed forms for relu (arc-cosine, Cho & Saul 2009), erf
 (arcsine, Williams 1997) and linear; every other activation of
-:data:`ntkdyn.models.ACTIVATIONS` by a 2-D quadrature of the Gaussian
-expectations (:func:`moments`).
+:data:`ntkdyn.models.ACTIVATIONS` by Mehler's Hermite series, whose
+coefficients are 1-D Gauss-weighted quadratures (:func:`moments`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +68,12 @@ __all__ = [
     "kernel_error",
     "inside_band",
     "CLOSED_FORMS",
-    "QUADRATURE_POINTS",
+    "HERMITE_TERMS",
 ]
 
 CLOSED_FORMS = ("relu", "erf", "linear")
-QUADRATURE_POINTS = 96
-_QUADRATURE_RANGE = 8.5  # |z| ≤ 8.5: the standard normal mass left outside is 2e-17
+HERMITE_TERMS = 512
+_GRID_STEP, _GRID_RANGE = 0.04, 12.0  # the 1-D grid of the Hermite coefficients: e^{−z²/4} < 1e-15 outside
 _MEMORY_BUDGET = 2**24  # elements of the largest intermediate array of one kernel tile
 GETS = ("ntk", "nngp")
 
@@ -186,7 +186,7 @@ class Architecture:
     parameterization: str = struct.field(pytree_node=False)
 
 
-def _coefficients(layer, name: str) -> dict:
+def _layer_coefficients(layer, name: str) -> tuple[dict, int]:
     for attr in ("parameterization", "sigma_w", "sigma_b", "kernel"):
         if not hasattr(layer, attr):
             raise TypeError(
@@ -213,7 +213,7 @@ def _check_activation(activation) -> str:
     if activation not in models.ACTIVATIONS:
         raise ValueError(
             f"model: activation {activation!r} is not supported by the analytic kernels; supported: "
-            f"{tuple(models.ACTIVATIONS)} (closed forms for {CLOSED_FORMS}, quadrature for the rest)"
+            f"{tuple(models.ACTIVATIONS)} (closed forms for {CLOSED_FORMS}, a Hermite series for the rest)"
         )
     return activation
 
@@ -240,7 +240,7 @@ def _conv_layer(conv, spatial: tuple, name: str) -> tuple[Layer, tuple]:
                 "(expected 'SAME', 'VALID' or two non-negative (low, high) pairs)"
             )
     out = tuple((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(spatial, pads, window, strides))
-    layer = Layer(op="conv", window=window, strides=strides, pads=pads, **_coefficients(conv, name)[0])
+    layer = Layer(op="conv", window=window, strides=strides, pads=pads, **_layer_coefficients(conv, name)[0])
     return layer, out
 
 
@@ -262,7 +262,7 @@ def architecture(model) -> Architecture:
         activation = _check_activation(model.activation)
         dense = [*model.hidden, model.readout]
         layers = tuple(
-            Layer(op="dense", **_coefficients(layer, f"hidden[{i}]" if i < len(dense) - 1 else "readout")[0])
+            Layer(op="dense", **_layer_coefficients(layer, f"hidden[{i}]" if i < len(dense) - 1 else "readout")[0])
             for i, layer in enumerate(dense)
         )
         return Architecture(kind="MLP", input_shape=(int(model.in_features),), activation=activation,
@@ -279,7 +279,7 @@ def architecture(model) -> Architecture:
             if min(spatial) < 1:
                 raise ValueError(f"model: layer convs[{i}] leaves no spatial positions ({spatial})")
             layers.append(layer)
-        coefficients, fan_in = _coefficients(model.readout, "readout")
+        coefficients, fan_in = _layer_coefficients(model.readout, "readout")
         head = Layer(op=readout, **coefficients)
         channels = model.convs[-1].kernel.shape[-1] if len(model.convs) else model.input_shape[2]
         expected = channels * (math.prod(spatial) if readout == "flatten" else 1)
@@ -305,20 +305,62 @@ def architecture(model) -> Architecture:
 # --------------------------------------------------------------------------- #
 
 
-def _nodes(points: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """Trapezoid nodes on [−8.5, 8.5] and weights ∝ exp(−z²/2), normalized to sum to 1."""
-    z = np.linspace(-_QUADRATURE_RANGE, _QUADRATURE_RANGE, points)
-    w = np.exp(-0.5 * z**2)
-    return jnp.asarray(z, dtype), jnp.asarray(w / w.sum(), dtype)
+@functools.lru_cache(maxsize=8)
+def _hermite_basis(terms: int) -> tuple[np.ndarray, np.ndarray]:
+    """The grid ``z`` (Q,) and the matrix ``B`` (Q, terms) with ``φ(√v z) @ B = (c_n(v))_n``.
+
+    ``c_n(v) = E[φ(√v ζ) He_n(ζ)] / √n! = ∫ φ(√v z) h_n(z) √N(z) dz`` with the
+    orthonormal Hermite functions ``h_n = He_n √N / √n!`` (stable three-term
+    recurrence), by the midpoint rule on ``[−12, 12]`` with step 0.04 (float64;
+    cast to the working dtype by the caller).
+    """
+    # midpoints of a grid symmetric about 0: a kink or jump of φ at 0 (relu) costs O(step²), not O(step)
+    z = np.arange(-_GRID_RANGE + _GRID_STEP / 2, _GRID_RANGE, _GRID_STEP)
+    h = np.zeros((terms, z.size))
+    h[0] = (2 * np.pi) ** -0.25 * np.exp(-0.25 * z**2)
+    if terms > 1:
+        h[1] = z * h[0]
+    for n in range(1, terms - 1):
+        h[n + 1] = (z * h[n] - math.sqrt(n) * h[n - 1]) / math.sqrt(n + 1)
+    root_density = (2 * np.pi) ** -0.25 * np.exp(-0.25 * z**2)
+    return z, (_GRID_STEP * h * root_density).T
 
 
-def _value_and_slope(fn, x):
-    return jax.jvp(fn, (x,), (jnp.ones_like(x),))
+def _coefficients(activation: str, v: jax.Array, terms: int) -> tuple[jax.Array, jax.Array]:
+    """Hermite coefficients (…, terms) of ``φ(√v ·)`` and ``φ'(√v ·)`` for every variance in ``v``."""
+    z, basis = _hermite_basis(terms)
+    u = jnp.sqrt(v)[..., None] * jnp.asarray(z, v.dtype)
+    f, df = jax.jvp(models.ACTIVATIONS[activation], (u,), (jnp.ones_like(u),))
+    basis = jnp.asarray(basis, v.dtype)
+    return f @ basis, df @ basis
+
+
+def _series(rho: jax.Array, a1, a2, d1, d2) -> tuple[jax.Array, jax.Array]:
+    """``Σ_n ρⁿ a1_n a2_n`` and ``Σ_n ρⁿ d1_n d2_n`` (Mehler), by Horner's rule from the last term.
+
+    The coefficient arrays broadcast against ``rho.shape + (terms,)``; memory is a
+    few arrays of ``rho``'s shape whatever the number of terms.
+    """
+    xs = tuple(jnp.moveaxis(a, -1, 0)[::-1] for a in (a1, a2, d1, d2))
+
+    def step(carry, coef):
+        s, sd = carry
+        c1, c2, e1, e2 = coef
+        return (s * rho + c1 * c2, sd * rho + e1 * e2), None
+
+    zero = jnp.zeros(rho.shape, rho.dtype)
+    (s, sd), _ = jax.lax.scan(step, (zero, zero), xs)
+    return s, sd
+
+
+def _correlation(c, v1, v2):
+    s = jnp.sqrt(v1 * v2)
+    return jnp.clip(c / jnp.where(s > 0, s, 1.0), -1.0, 1.0)
 
 
 def _relu(c, v1, v2):
     s = jnp.sqrt(v1 * v2)
-    rho = jnp.clip(c / jnp.where(s > 0, s, 1.0), -1.0, 1.0)
+    rho = _correlation(c, v1, v2)
     theta = jnp.arccos(rho)
     a = s / (2 * jnp.pi) * (jnp.sqrt(1.0 - rho**2) + (jnp.pi - theta) * rho)
     # relu'(0) = 0 in JAX: an input of zero variance never passes a gradient
@@ -340,46 +382,19 @@ def _linear(c, v1, v2):
 _CLOSED = {"relu": _relu, "erf": _erf, "linear": _linear}
 
 
-def _quadrature(fn, c, v1, v2, points: int):
-    """E[φ(u)φ(v)], E[φ'(u)φ'(v)] by the product trapezoid rule in ``u = √v1 z1``, ``v = √v2(ρ z1 + √(1−ρ²) z2)``.
-
-    One pass per outer node (a scan), so memory is ``points ×`` the size of ``c``.
-    """
-    shape = jnp.broadcast_shapes(c.shape, v1.shape, v2.shape)
-    c, v1, v2 = (jnp.broadcast_to(a, shape) for a in (c, v1, v2))
-    z, w = _nodes(points, c.dtype)
-    s1, s2 = jnp.sqrt(v1), jnp.sqrt(v2)
-    s = s1 * s2
-    rho = jnp.clip(c / jnp.where(s > 0, s, 1.0), -1.0, 1.0)
-    rho_c = jnp.sqrt(1.0 - rho**2)
-    inner_v = s2[..., None] * rho_c[..., None] * z  # (..., Q), the z2 part of v
-
-    def step(acc, node):
-        zi, wi = node
-        fu, du = _value_and_slope(fn, s1 * zi)
-        fv, dv = _value_and_slope(fn, (s2 * rho * zi)[..., None] + inner_v)
-        return (acc[0] + wi * fu * (fv @ w), acc[1] + wi * du * (dv @ w)), None
-
-    zero = jnp.zeros(shape, c.dtype)
-    (a, adot), _ = jax.lax.scan(step, (zero, zero), (z, w))
-    return a, adot
-
-
-def _self_moment(activation: str, v, points: int):
-    """``E[φ(u)²]``, ``u ~ N(0, v)`` (closed form or the 1-D trapezoid rule)."""
+def _self_moment(activation: str, v, coefficients=None):
+    """``E[φ(u)²]``, ``u ~ N(0, v)``: closed form, or ``Σ_n c_n(v)²`` (the series at ρ = 1)."""
     if activation == "relu":
         return 0.5 * v
     if activation == "erf":
         return (2.0 / jnp.pi) * jnp.arcsin(2.0 * v / (1.0 + 2.0 * v))
     if activation == "linear":
         return v
-    z, w = _nodes(points, v.dtype)
-    f = models.ACTIVATIONS[activation](jnp.sqrt(v)[..., None] * z)
-    return (f * f) @ w
+    return jnp.sum(coefficients * coefficients, axis=-1)
 
 
 def moments(activation: str, c, v1, v2, *, method: str = "auto",
-            quadrature_points: int = QUADRATURE_POINTS) -> tuple[jax.Array, jax.Array]:
+            hermite_terms: int = HERMITE_TERMS) -> tuple[jax.Array, jax.Array]:
     """``(E[φ(u)φ(v)], E[φ'(u)φ'(v)])`` for ``(u, v) ~ N(0, [[v1, c], [c, v2]])``.
 
     Closed forms (``method="closed"``, the default for relu, erf and linear):
@@ -390,43 +405,46 @@ def moments(activation: str, c, v1, v2, *, method: str = "auto",
       ``(4/π) / √((1 + 2v1)(1 + 2v2) − 4c²)``;
     * linear: ``c`` and 1.
 
-    Quadrature (``method="quadrature"``, the default for every other
-    activation): with ``ρ = c/√(v1 v2)``, ``u = √v1 z1``,
-    ``v = √v2 (ρ z1 + √(1 − ρ²) z2)`` and the product trapezoid rule on
-    ``z1, z2 ∈ [−8.5, 8.5]`` (``quadrature_points`` nodes each, weights
-    ``∝ exp(−z²/2)`` normalized to 1). It converges exponentially for the
-    analytic activations; with 96 points the error relative to ``E[φ(u)²]``
-    resp. ``E[φ'(u)²]`` is below 1e-12 up to variance 2, 3e-10 at 3, 1e-7 at 5
-    and 7e-5 at 10 for tanh (the hardest: poles at ±iπ/2), smaller for
-    sigmoid and gelu (measured against a 4000² trapezoid reference). Gauss–
-    Hermite rules of the same size are 10³–10⁵ times less accurate here (they
-    spend their nodes in the tails), see ``docs/infinite.md``.
+    Hermite series (``method="series"``, the default for every other
+    activation): with ``ρ = c/√(v1 v2)``, Mehler's formula
+
+        E[φ(u)φ(v)] = Σ_n ρⁿ c_n(v1) c_n(v2),   c_n(v) = E[φ(√v ζ) He_n(ζ)] / √n!,  ζ ~ N(0, 1)
+
+    (and the same with φ'), truncated after ``hermite_terms`` terms; each
+    coefficient is a 1-D Gauss-weighted integral of the orthonormal Hermite
+    functions, by the midpoint rule (step 0.04 on [−12, 12]). The cost is
+    ``hermite_terms`` multiply-adds per pair of inputs (and one 1-D quadrature
+    per input), against ``Q²`` activation calls for a 2-D product rule. The
+    truncated series is a PSD kernel, exact at ρ = 0 and least accurate at
+    |ρ| → 1; the coefficients of an analytic φ decay like ``exp(−d√(2n))``,
+    ``d`` the distance of φ(√v ·)'s nearest complex singularity (``π/(2√v)`` for
+    tanh). Measured with 512 terms against a 4000² trapezoid reference, worst
+    over ρ, relative to ``E[φ(u)²]`` resp. ``E[φ'(u)²]``: tanh ≤ 1e-13 up to
+    variance 3, 1e-10 / 3e-8 at 10, 8e-7 / 1e-4 at 30; sigmoid and gelu are
+    more accurate (``benchmarks/infinite_convergence.py quadrature``).
 
     Args:
       activation: a key of :data:`ntkdyn.models.ACTIVATIONS`.
       c, v1, v2: covariance and the two variances (broadcast together).
-      method: ``"auto"``, ``"closed"`` (relu, erf, linear only) or ``"quadrature"``.
-      quadrature_points: nodes per dimension.
+      method: ``"auto"``, ``"closed"`` (relu, erf, linear only) or ``"series"``.
+      hermite_terms: terms of the series.
     """
     _check_activation(activation)
-    _validate.choice("method", method, ("auto", "closed", "quadrature"))
-    points = _validate.count("quadrature_points", quadrature_points, 2)
+    _validate.choice("method", method, ("auto", "closed", "series"))
+    terms = _validate.count("hermite_terms", hermite_terms, 1)
     c, v1, v2 = (_validate.float_array(name, a) for name, a in (("c", c), ("v1", v1), ("v2", v2)))
     dtype = jnp.result_type(c, v1, v2)
     c, v1, v2 = (a.astype(dtype) for a in (c, v1, v2))
+    shape = jnp.broadcast_shapes(c.shape, v1.shape, v2.shape)
     if method == "closed" and activation not in _CLOSED:
         raise ValueError(f"method: no closed form for activation {activation!r}; closed forms: {CLOSED_FORMS}")
     if method == "closed" or (method == "auto" and activation in _CLOSED):
         a, adot = _CLOSED[activation](c, v1, v2)
-        shape = jnp.broadcast_shapes(c.shape, v1.shape, v2.shape)
-        return jnp.broadcast_to(a, shape), jnp.broadcast_to(adot, shape)
-    return _quadrature(models.ACTIVATIONS[activation], c, v1, v2, points)
-
-
-def _moments(activation: str, c, v1, v2, points: int):
-    if activation in _CLOSED:
-        return _CLOSED[activation](c, v1, v2)
-    return _quadrature(models.ACTIVATIONS[activation], c, v1, v2, points)
+    else:
+        a1, d1 = _coefficients(activation, v1, terms)
+        a2, d2 = _coefficients(activation, v2, terms)
+        a, adot = _series(jnp.broadcast_to(_correlation(c, v1, v2), shape), a1, a2, d1, d2)
+    return jnp.broadcast_to(a, shape), jnp.broadcast_to(adot, shape)
 
 
 # --------------------------------------------------------------------------- #
@@ -470,27 +488,33 @@ def _input_moment(arch: Architecture, x1: jax.Array, x2: jax.Array) -> jax.Array
     return jnp.einsum("ihwc,jhwc->ijhw", x1, x2) / x1.shape[-1]
 
 
-def _variances(arch: Architecture, x: jax.Array, points: int) -> tuple[jax.Array, ...]:
-    """``K(x, x)`` at every same-position pair feeding an activation: one (b, *spatial) array per hidden layer."""
+def _per_input(arch: Architecture, x: jax.Array, terms: int) -> tuple:
+    """For every hidden layer: ``K(x, x)`` at the same-position pairs, (b, *spatial), and for
+    activations without a closed form the Hermite coefficients of φ and φ' there, (b, *spatial, terms)."""
     a = jnp.mean(x * x, axis=-1)
     out = []
     for layer in arch.layers[:-1]:
         v = layer.nngp_w * _op(a, layer, 1) + layer.nngp_b
-        out.append(v)
-        a = _self_moment(arch.activation, v, points)
+        coef = None if arch.activation in _CLOSED else _coefficients(arch.activation, v, terms)
+        out.append((v, coef))
+        a = _self_moment(arch.activation, v, None if coef is None else coef[0])
     return tuple(out)
 
 
-def _spread(v1: jax.Array, v2: jax.Array, pairs: bool) -> tuple[jax.Array, jax.Array]:
-    """Broadcast (b1, *sp) and (b2, *sp) variances against the (b1, b2, *sp[, *sp]) cross arrays."""
-    sp = v1.ndim - 1
+def _spread(v1: jax.Array, v2: jax.Array, pairs: bool, trailing: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Broadcast (b1, *sp, …) and (b2, *sp, …) per-input arrays against the (b1, b2, *sp[, *sp], …) cross arrays.
+
+    ``trailing`` axes (the series terms) stay last.
+    """
+    sp = v1.ndim - 1 - trailing
     if pairs:
-        return (v1.reshape(v1.shape[:1] + (1,) + v1.shape[1:] + (1,) * sp),
-                v2.reshape((1,) + v2.shape[:1] + (1,) * sp + v2.shape[1:]))
+        one = (1,) * sp
+        return (v1.reshape(v1.shape[:1] + (1,) + v1.shape[1:1 + sp] + one + v1.shape[1 + sp:]),
+                v2.reshape((1,) + v2.shape[:1] + one + v2.shape[1:]))
     return v1[:, None], v2[None]
 
 
-def _tile(arch: Architecture, x1, x2, vars1, vars2, points: int):
+def _tile(arch: Architecture, x1, x2, per1, per2):
     """NNGP and NTK of one (b1, b2) tile."""
     a = _input_moment(arch, x1, x2)
     sets = 2 if arch.pairs else 1
@@ -503,21 +527,32 @@ def _tile(arch: Architecture, x1, x2, vars1, vars2, points: int):
             theta = theta + layer.nngp_w * _op(dtheta, layer, sets)
         if i == len(arch.layers) - 1:
             return k, theta
-        v1, v2 = _spread(vars1[i], vars2[i], arch.pairs)
-        a, adot = _moments(arch.activation, k, v1, v2, points)
+        (var1, coef1), (var2, coef2) = per1[i], per2[i]
+        v1, v2 = _spread(var1, var2, arch.pairs)
+        if coef1 is None:
+            a, adot = _CLOSED[arch.activation](k, v1, v2)
+        else:
+            a1, a2 = _spread(coef1[0], coef2[0], arch.pairs, trailing=1)
+            d1, d2 = _spread(coef1[1], coef2[1], arch.pairs, trailing=1)
+            a, adot = _series(_correlation(k, v1, v2), a1, a2, d1, d2)
         dtheta = adot * theta
     raise AssertionError("an architecture has at least its readout layer")
 
 
-def _pair_size(arch: Architecture, points: int) -> int:
-    """Elements per (x1, x2) pair of the largest intermediate array of a tile."""
+def _auto_tile(arch: Architecture, n: int, terms: int) -> int:
+    """The largest tile whose biggest arrays stay under the memory budget (elements).
+
+    Per pair of inputs: a few cross arrays of ``spatial`` (flatten) or
+    ``spatial²`` (pooling) entries; per input, without a closed form: the
+    activation on the coefficient grid and the coefficients, ``spatial × (Q + 4·terms)``.
+    """
     spatial = math.prod(arch.input_shape[:-1]) if arch.kind == "CNN" else 1
-    per_pair = spatial**2 if arch.pairs else spatial
-    return 4 * per_pair * (points if arch.activation not in _CLOSED else 2)
-
-
-def _auto_tile(arch: Architecture, n: int, points: int) -> int:
-    return int(max(1, min(n, math.isqrt(max(1, _MEMORY_BUDGET // _pair_size(arch, points))))))
+    per_pair = 8 * (spatial**2 if arch.pairs else spatial)
+    tile = math.isqrt(max(1, _MEMORY_BUDGET // per_pair))
+    if arch.activation not in _CLOSED:
+        grid = _hermite_basis(terms)[0].size
+        tile = min(tile, _MEMORY_BUDGET // (spatial * (grid + 4 * terms) * max(1, len(arch.layers) - 1)))
+    return int(max(1, min(n, tile)))
 
 
 def _blocks(a: jax.Array, tile: int) -> jax.Array:
@@ -528,28 +563,29 @@ def _blocks(a: jax.Array, tile: int) -> jax.Array:
     return a.reshape((m, tile) + a.shape[1:])
 
 
-@functools.partial(jax.jit, static_argnames=("tile", "points", "same"))
-def _kernels(arch: Architecture, x1: jax.Array, x2: jax.Array, *, tile: int, points: int, same: bool):
+@functools.partial(jax.jit, static_argnames=("tile", "terms", "same"))
+def _kernels(arch: Architecture, x1: jax.Array, x2: jax.Array, *, tile: int, terms: int, same: bool):
     n1, n2 = x1.shape[0], x2.shape[0]
     b1, b2 = min(tile, n1), min(tile, n2)
     xb1, xb2 = _blocks(x1, b1), _blocks(x2, b2)
-    var_fn = lambda xb: _variances(arch, xb, points)
-    vb1 = jax.lax.map(var_fn, xb1)
-    vb2 = vb1 if same else jax.lax.map(var_fn, xb2)
+    per_fn = lambda xb: _per_input(arch, xb, terms)
+    pb1 = jax.lax.map(per_fn, xb1)
+    pb2 = pb1 if same else jax.lax.map(per_fn, xb2)
     m1, m2 = xb1.shape[0], xb2.shape[0]
+    pick = lambda tree, i: jax.tree_util.tree_map(lambda a: a[i], tree)
     if m1 == 1 and m2 == 1:
-        k, theta = _tile(arch, xb1[0], xb2[0], [v[0] for v in vb1], [v[0] for v in vb2], points)
+        k, theta = _tile(arch, xb1[0], xb2[0], pick(pb1, 0), pick(pb2, 0))
     else:
         def row(i):
             def col(j):
-                return _tile(arch, xb1[i], xb2[j], [v[i] for v in vb1], [v[j] for v in vb2], points)
+                return _tile(arch, xb1[i], xb2[j], pick(pb1, i), pick(pb2, j))
             return jax.lax.map(col, jnp.arange(m2))
 
         k, theta = jax.lax.map(row, jnp.arange(m1))
         k = k.transpose(0, 2, 1, 3).reshape(m1 * b1, m2 * b2)
         theta = theta.transpose(0, 2, 1, 3).reshape(m1 * b1, m2 * b2)
     k, theta = k[:n1, :n2], theta[:n1, :n2]
-    if same:  # exactly symmetric (the quadrature treats x1 and x2 in different roles)
+    if same:  # exactly symmetric (x1 and x2 enter in different roles in floating point)
         k, theta = 0.5 * (k + k.T), 0.5 * (theta + theta.T)
     return Kernels(nngp=k, ntk=theta)
 
@@ -565,7 +601,7 @@ def _inputs(name: str, x, arch: Architecture) -> jax.Array:
 
 
 def kernels(model, x1: jax.Array, x2: jax.Array | None = None, *, tile_size: int | None = None,
-            quadrature_points: int = QUADRATURE_POINTS) -> Kernels:
+            hermite_terms: int = HERMITE_TERMS) -> Kernels:
     """The infinite-width NNGP and NTK of a builder network, (N1, N2) each.
 
     Recursion and parameterizations in the module notes; activations in
@@ -583,7 +619,7 @@ def kernels(model, x1: jax.Array, x2: jax.Array | None = None, *, tile_size: int
       x1: (N1, d) or (N1, H, W, C) inputs, as the model takes them.
       x2: (N2, ...) inputs; default ``x1`` (then the kernels are exactly symmetric).
       tile_size: input pairs per tile side, or None for the memory-bounded default.
-      quadrature_points: nodes per dimension for activations without a closed form.
+      hermite_terms: terms of the Hermite series for activations without a closed form.
 
     Returns:
       :class:`Kernels` with ``nngp`` and ``ntk``, (N1, N2).
@@ -598,12 +634,12 @@ def kernels(model, x1: jax.Array, x2: jax.Array | None = None, *, tile_size: int
     same = x2 is None
     x2 = x1 if same else _inputs("x2", x2, arch)
     dtype = jnp.result_type(x1, x2)
-    points = _validate.count("quadrature_points", quadrature_points, 2)
+    terms = _validate.count("hermite_terms", hermite_terms, 1)
     if tile_size is None:
-        tile = _auto_tile(arch, max(x1.shape[0], x2.shape[0]), points)
+        tile = _auto_tile(arch, max(x1.shape[0], x2.shape[0]), terms)
     else:
         tile = _validate.count("tile_size", tile_size)
-    return _kernels(arch, x1.astype(dtype), x2.astype(dtype), tile=tile, points=points, same=same)
+    return _kernels(arch, x1.astype(dtype), x2.astype(dtype), tile=tile, terms=terms, same=same)
 
 
 # --------------------------------------------------------------------------- #

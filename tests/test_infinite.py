@@ -1,6 +1,6 @@
 """Infinite-width kernels and ensemble predictions (ntkdyn.infinite), float64.
 
-Oracles: closed forms vs the quadrature path; exact linear algebra for linear
+Oracles: closed forms vs the Hermite-series path (and brute-force sampling); exact linear algebra for linear
 networks; Monte-Carlo averages over many wide finite networks (output
 covariance for the NNGP, ``ntkdyn.empirical_ntk`` for the NTK) within their
 sampling error plus an O(1/width) allowance; for the ensemble, the exact
@@ -25,31 +25,51 @@ def _inputs(shape, seed=0):
     return jax.random.normal(jax.random.PRNGKey(seed), shape)
 
 
+def _abstract(make):
+    """The module ``make(rngs)`` builds, without its weights (``nnx.eval_shape``): the graph and the architecture."""
+    return nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+
+
+def _spec(builder, *args, **kwargs):
+    """``builder(*args, **kwargs)`` as an abstract module (no weights drawn): all the analytic kernels read."""
+    return nnx.eval_shape(lambda: builder(*args, **kwargs))
+
+
+def _keys(key: int, seeds: int):
+    """Independent initialization keys; the RngBitGenerator implementation compiles ~2x faster than threefry."""
+    return jax.random.split(jax.random.key(key, impl="rbg"), seeds)
+
+
 def _ensemble(make, seeds: int, key: int = 123):
     """(apply_fn, params with a leading seed axis) of ``seeds`` independent initializations (one compiled init)."""
-    apply_fn, _ = models.as_apply_fn(make(nnx.Rngs(0)))
+    apply_fn, _ = models.as_apply_fn(_abstract(make))
     init = lambda k: nnx.split(make(nnx.Rngs(k)), nnx.Param, ...)[1]
-    return apply_fn, jax.jit(jax.vmap(init))(jax.random.split(jax.random.PRNGKey(key), seeds))
+    return apply_fn, jax.jit(jax.vmap(init))(_keys(key, seeds))
 
 
-def _monte_carlo(make, x, seeds: int, outputs: int):
+def _monte_carlo(make, x, seeds: int, outputs: int, key: int = 123):
     """One ensemble of ``seeds`` networks with ``outputs`` outputs, as two Monte-Carlo estimates.
 
     NNGP: the output second moment over seeds and outputs (the prior mean is 0)
     and its Gaussian standard error ``√((K_ii K_jj + K_ij²)/samples)``. NTK: the
     output-traced ``ntkdyn.empirical_ntk`` of each network's first output (the
     readout sliced to one column), its mean over seeds and standard error.
+    Initialization, outputs and kernels of all seeds are one compiled loop.
     """
-    apply_fn, params = _ensemble(lambda r: make(outputs, r), seeds)
-    f = jax.vmap(apply_fn, (0, None))(params, x)  # (S, N, K)
+    apply_1, _ = models.as_apply_fn(_abstract(lambda r: make(1, r)))
+
+    def one(k):
+        network = make(outputs, nnx.Rngs(k))
+        params = nnx.split(network, nnx.Param, ...)[1]
+        first = jax.tree_util.tree_map_with_path(
+            lambda path, a: a[..., :1] if "readout" in jax.tree_util.keystr(path) else a, params)
+        return network(x), ntkdyn.empirical_ntk(apply_1, first, x, trace_outputs=True, method="jacobian")
+
+    f, ks = jax.jit(lambda keys: jax.lax.map(one, keys))(_keys(key, seeds))
     samples = f.shape[0] * f.shape[2]
     nngp = jnp.einsum("sik,sjk->ij", f, f) / samples
     d = jnp.diagonal(nngp)
     nngp_se = jnp.sqrt((jnp.outer(d, d) + nngp**2) / samples)
-    apply_1, _ = models.as_apply_fn(make(1, nnx.Rngs(0)))
-    first = jax.tree_util.tree_map_with_path(
-        lambda path, a: a[..., :1] if "readout" in jax.tree_util.keystr(path) else a, params)
-    ks = jax.lax.map(lambda p: ntkdyn.empirical_ntk(apply_1, p, x, trace_outputs=True, method="jacobian"), first)
     return nngp, nngp_se, ks.mean(0), ks.std(0) / np.sqrt(seeds)
 
 
@@ -69,36 +89,47 @@ V1 = jnp.array([1.0, 1.0, 2.0, 1.0, 0.5, 1.5])
 V2 = jnp.array([0.5, 1.0, 1.0, 1.0, 3.0, 1.2])
 
 
-def test_erf_closed_form_matches_quadrature():
+def test_erf_closed_form_matches_the_hermite_series():
     closed = infinite.moments("erf", C, V1, V2, method="closed")
-    quad = infinite.moments("erf", C, V1, V2, method="quadrature")
-    for a, b in zip(closed, quad):
+    series = infinite.moments("erf", C, V1, V2, method="series")
+    for a, b in zip(closed, series):
         np.testing.assert_allclose(b, a, rtol=1e-11, atol=1e-13)
 
 
-def test_relu_closed_form_matches_quadrature_at_second_order():
-    # relu has a kink, so the trapezoid rule is only second order: the gap shrinks 4x per doubling
+def test_relu_closed_form_matches_the_hermite_series():
+    # relu is not analytic: its series converges geometrically for |ρ| < 1 (to the O(step²) accuracy of the
+    # coefficients' midpoint rule) but only algebraically at ρ = 1 — the reason relu has its closed form
     closed = np.array(infinite.moments("relu", C, V1, V2, method="closed"))
-    gaps = [np.abs(np.array(infinite.moments("relu", C, V1, V2, method="quadrature", quadrature_points=q))
-                   - closed).max() for q in (200, 400, 800)]
-    assert gaps[-1] < 1e-4, gaps
-    assert gaps[0] / gaps[1] > 3 and gaps[1] / gaps[2] > 3, gaps
+    rho = np.abs(C / jnp.sqrt(V1 * V2))
+    gap = lambda terms: np.abs(np.array(infinite.moments("relu", C, V1, V2, method="series",
+                                                         hermite_terms=terms)) - closed)
+    short, long = gap(512), gap(2048)
+    assert short[:, rho < 0.95].max() < 1e-4, short
+    assert long[:, rho == 1].max() < 0.5 * short[:, rho == 1].max() < 1e-2, (short, long)
 
 
-def test_linear_moments_are_exact_by_quadrature():
-    a, adot = infinite.moments("linear", C, V1, V2, method="quadrature")
+def test_linear_moments_are_exact_by_the_series():
+    a, adot = infinite.moments("linear", C, V1, V2, method="series", hermite_terms=4)
     np.testing.assert_allclose(a, C, atol=1e-13)
     np.testing.assert_allclose(adot, 1.0, atol=1e-13)
 
 
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "gelu"])
-def test_quadrature_converged_at_moderate_variance(activation):
-    # documented: ≤ 1e-9 relative up to variance 3 at the default 96 points (tanh the hardest)
+def test_hermite_series_converged_at_moderate_variance(activation):
+    # documented: ≤ 1e-13 relative up to variance 3 at the default 512 terms (tanh the hardest)
     c, v1, v2 = jnp.array([0.0, 1.2, 2.9, -2.0]), jnp.array([1.0, 2.0, 3.0, 3.0]), jnp.array([2.0, 1.0, 3.0, 2.0])
     default = np.array(infinite.moments(activation, c, v1, v2))
-    fine = np.array(infinite.moments(activation, c, v1, v2, quadrature_points=400))
-    scale = np.array(infinite.moments(activation, v1, v1, v1, quadrature_points=400))
-    assert np.max(np.abs(default - fine) / scale) < 1e-9
+    longer = np.array(infinite.moments(activation, c, v1, v2, hermite_terms=1024))
+    scale = np.array(infinite.moments(activation, v1, v1, v1, hermite_terms=1024))
+    assert np.max(np.abs(default - longer) / scale) < 1e-11
+    # and the series is the Gaussian expectation: E[φ(u)φ(v)] by brute-force sampling, within 5 standard errors
+    u, w = jax.random.normal(jax.random.PRNGKey(0), (2, 200_000))
+    rho = c / jnp.sqrt(v1 * v2)
+    fn = models.ACTIVATIONS[activation]
+    samples = fn(jnp.sqrt(v1)[:, None] * u) * fn(jnp.sqrt(v2)[:, None] * (rho[:, None] * u
+                                                                           + jnp.sqrt(1 - rho[:, None] ** 2) * w))
+    se = samples.std(1) / np.sqrt(u.size)
+    assert np.all(np.abs(samples.mean(1) - default[0]) < 5 * se), (samples.mean(1), default[0], se)
 
 
 def test_moments_bad_input():
@@ -106,8 +137,8 @@ def test_moments_bad_input():
         infinite.moments("swish", C, V1, V2)
     with pytest.raises(ValueError, match="method"):
         infinite.moments("tanh", C, V1, V2, method="closed")
-    with pytest.raises(ValueError, match="quadrature_points"):
-        infinite.moments("tanh", C, V1, V2, quadrature_points=1)
+    with pytest.raises(ValueError, match="hermite_terms"):
+        infinite.moments("tanh", C, V1, V2, hermite_terms=0)
 
 
 # --------------------------------------------------------------------------- #
@@ -119,7 +150,7 @@ def test_moments_bad_input():
 def test_linear_mlp_kernels_are_exact_linear_algebra(parameterization):
     # φ(z) = z: K¹ = σ_w² xx'/d + σ_b², K^{l+1} = σ_w² K^l + σ_b²; Θ^{l+1} = c_w K^l' + c_b + σ_w² Θ^l
     sw, sb, d, width, depth = 1.3, 0.4, 3, 7, 2
-    model = models.MLP(d, 2, width=width, depth=depth, activation="linear", sigma_w=sw, sigma_b=sb,
+    model = _spec(models.MLP, d, 2, width=width, depth=depth, activation="linear", sigma_w=sw, sigma_b=sb,
                        parameterization=parameterization)
     x1, x2 = _inputs((4, d)), _inputs((5, d), 1)
     got = infinite.kernels(model, x1, x2)
@@ -137,25 +168,24 @@ def test_linear_mlp_kernels_are_exact_linear_algebra(parameterization):
 def test_one_pixel_cnn_is_an_mlp():
     # a 1x1 image with 1x1 convolutions is a dense network: identical kernels (flatten and pooling readouts)
     x = _inputs((5, 1, 1, 3))
-    mlp = models.MLP(3, 1, width=4, depth=2, activation="erf", sigma_w=1.2, sigma_b=0.3)
+    mlp = _spec(models.MLP, 3, 1, width=4, depth=2, activation="erf", sigma_w=1.2, sigma_b=0.3)
     want = infinite.kernels(mlp, x[:, 0, 0])
     for readout in ("flatten", "gap"):
-        cnn = models.CNN((1, 1, 3), 1, channels=(6, 6), kernel_size=1, activation="erf", sigma_w=1.2,
-                         sigma_b=0.3, readout=readout)
+        cnn = _spec(models.CNN, (1, 1, 3), 1, channels=(6, 6), kernel_size=1, activation="erf", sigma_w=1.2,
+                     sigma_b=0.3, readout=readout)
         got = infinite.kernels(cnn, x)
         np.testing.assert_allclose(got.nngp, want.nngp, rtol=1e-12)
         np.testing.assert_allclose(got.ntk, want.ntk, rtol=1e-12)
 
 
 def test_kernels_tiles_symmetry_and_cross_blocks():
-    model = models.CNN((5, 5, 2), 1, channels=(3, 3), strides=2, activation="relu", readout="gap")
+    model = _spec(models.CNN, (5, 5, 2), 1, channels=(3, 3), strides=2, activation="relu", readout="gap")
     x = _inputs((5, 5, 5, 2))
     full = infinite.kernels(model, x)
     np.testing.assert_array_equal(full.ntk, full.ntk.T)
-    for tile in (1, 2):
-        tiled = infinite.kernels(model, x, tile_size=tile)
-        np.testing.assert_allclose(tiled.ntk, full.ntk, rtol=1e-12)
-        np.testing.assert_allclose(tiled.nngp, full.nngp, rtol=1e-12)
+    tiled = infinite.kernels(model, x, tile_size=2)  # 3 x 3 tiles, the last ones padded
+    np.testing.assert_allclose(tiled.ntk, full.ntk, rtol=1e-12)
+    np.testing.assert_allclose(tiled.nngp, full.nngp, rtol=1e-12)
     cross = infinite.kernels(model, x[:2], x[2:], tile_size=2)
     np.testing.assert_allclose(cross.ntk, full.ntk[:2, 2:], rtol=1e-10)
     assert np.all(np.linalg.eigvalsh(full.ntk) > 0) and np.all(np.linalg.eigvalsh(full.nngp) > 0)
@@ -163,7 +193,7 @@ def test_kernels_tiles_symmetry_and_cross_blocks():
 
 def test_width_does_not_matter_in_ntk_parameterization_but_does_in_standard():
     x = _inputs((4, 3))
-    k = lambda width, par: infinite.kernels(models.MLP(3, 1, width=width, depth=2, parameterization=par), x)
+    k = lambda width, par: infinite.kernels(_spec(models.MLP, 3, 1, width=width, depth=2, parameterization=par), x)
     np.testing.assert_allclose(k(8, "ntk").ntk, k(64, "ntk").ntk, rtol=1e-14)
     np.testing.assert_allclose(k(8, "standard").nngp, k(64, "standard").nngp, rtol=1e-14)
     # the hidden layers' weight terms grow with the fan-in (8x here), the first layer's and the biases' do not
@@ -171,7 +201,7 @@ def test_width_does_not_matter_in_ntk_parameterization_but_does_in_standard():
 
 
 def test_kernels_jit_dtype_and_compile_reuse():
-    model = models.MLP(3, 1, width=8, depth=2, activation="tanh")
+    model = _spec(models.MLP, 3, 1, width=8, depth=2, activation="sigmoid")
     x = _inputs((6, 3))
     eager = infinite.kernels(model, x)
     jitted = jax.jit(lambda xs: infinite.kernels(model, xs))(x)
@@ -179,7 +209,7 @@ def test_kernels_jit_dtype_and_compile_reuse():
     assert eager.ntk.dtype == jnp.float64
     assert infinite.kernels(model, x.astype(jnp.float32)).ntk.dtype == jnp.float32
     before = infinite._kernels._cache_size()
-    infinite.kernels(models.MLP(3, 1, width=16, depth=2, activation="tanh", rngs=nnx.Rngs(5)), x)  # same architecture
+    infinite.kernels(_spec(models.MLP, 3, 1, width=16, depth=2, activation="sigmoid"), x)  # same architecture
     assert infinite._kernels._cache_size() == before
 
 
@@ -190,14 +220,14 @@ def test_kernels_jit_dtype_and_compile_reuse():
 
 @pytest.mark.parametrize(
     "activation,parameterization,sigma_b",
-    [("tanh", "ntk", 0.3), ("relu", "standard", 0.0)],  # quadrature path; standard with a bias trained from 0
+    [("tanh", "ntk", 0.3), ("relu", "standard", 0.0)],  # series path; standard with a bias trained from 0
 )
 def test_mlp_kernels_match_monte_carlo(activation, parameterization, sigma_b):
     width, x = 512, _inputs((5, 4))
     x = x.at[1].set(0.5 * x[0])  # a strongly correlated pair
     make = lambda k, r: models.MLP(4, k, width=width, depth=2, activation=activation, sigma_w=1.4,
                                    sigma_b=sigma_b, parameterization=parameterization, rngs=r)
-    exact = infinite.kernels(make(1, nnx.Rngs(0)), x)
+    exact = infinite.kernels(_abstract(lambda r: make(1, r)), x)  # an abstract module: the architecture is enough
     nngp, nngp_se, ntk, ntk_se = _monte_carlo(make, x, seeds=16, outputs=64)
     _assert_mc(nngp, exact.nngp, nngp_se, 4.0 / width, "nngp")
     _assert_mc(ntk, exact.ntk, ntk_se, 4.0 / width, "ntk")
@@ -214,7 +244,7 @@ def test_cnn_kernels_match_monte_carlo(options):
     channels, x = 128, _inputs((3, 5, 5, 2), 1)
     channels_per_layer = (channels,) if options.get("padding") == "VALID" else (channels, channels)  # 5x5 -> 2x2
     make = lambda k, r: models.CNN((5, 5, 2), k, channels=channels_per_layer, rngs=r, **options)
-    exact = infinite.kernels(make(1, nnx.Rngs(0)), x)
+    exact = infinite.kernels(_abstract(lambda r: make(1, r)), x)
     nngp, nngp_se, ntk, ntk_se = _monte_carlo(make, x, seeds=12, outputs=32)
     _assert_mc(nngp, exact.nngp, nngp_se, 4.0 / channels, "nngp")
     _assert_mc(ntk, exact.ntk, ntk_se, 4.0 / channels, "ntk")
@@ -222,10 +252,10 @@ def test_cnn_kernels_match_monte_carlo(options):
 
 def test_empirical_ntk_converges_as_inverse_sqrt_width():
     # one hidden layer keeps every width cheap; benchmarks/infinite_convergence.py runs deeper nets and CNNs
-    widths, seeds = (64, 256, 1024, 4096), 8
+    widths, seeds = (64, 512, 4096), 8
     x = _inputs((6, 3))
     make = lambda w: (lambda r: models.MLP(3, 1, width=w, depth=1, activation="erf", rngs=r))
-    exact = infinite.kernels(make(8)(nnx.Rngs(0)), x).ntk
+    exact = infinite.kernels(_abstract(make(8)), x).ntk
     rel = lambda k: np.linalg.norm(k - exact, axis=(-2, -1)) / np.linalg.norm(exact)
     per_seed, of_mean = [], []
     for w in widths:
@@ -239,13 +269,21 @@ def test_empirical_ntk_converges_as_inverse_sqrt_width():
     assert abs(np.median(slopes) + 0.5) < 0.2, slopes
     # the mean over seeds is closer at every width (its fluctuation falls as 1/√(width·seeds))
     assert np.all(np.array(of_mean) < 0.75 * per_seed.mean(1)), (of_mean, per_seed.mean(1))
-    # kernel_error is the same number, from the module itself
-    model = make(widths[0])(nnx.Rngs(3))
+
+
+def test_kernel_error_is_the_relative_frobenius_distance():
+    model = models.MLP(3, 2, width=16, depth=1, activation="erf", rngs=nnx.Rngs(3))
+    x = _inputs((4, 3))
+    exact = infinite.kernels(model, x).ntk
     apply_fn, params = models.as_apply_fn(model)
-    emp = ntkdyn.empirical_ntk(apply_fn, params, x, trace_outputs=True)
-    np.testing.assert_allclose(infinite.kernel_error(model, x), rel(emp), rtol=1e-10)
-    full = ntkdyn.empirical_ntk(apply_fn, params, x)
-    np.testing.assert_allclose(infinite.kernel_error(model, x, ntk=full), rel(emp), rtol=1e-10)
+    full = ntkdyn.empirical_ntk(apply_fn, params, x, method="jacobian")  # (N, N, K, K), compared with Θ_∞ ⊗ I_K
+    traced = jnp.einsum("ijkk->ij", full) / 2
+    want_traced = np.linalg.norm(traced - exact) / np.linalg.norm(exact)
+    want_full = np.linalg.norm(full - exact[:, :, None, None] * np.eye(2)) / (np.sqrt(2) * np.linalg.norm(exact))
+    np.testing.assert_allclose(infinite.kernel_error(model, x), want_traced, rtol=1e-10)
+    np.testing.assert_allclose(infinite.kernel_error(model, x, ntk=full, ntk_infinite=exact), want_full, rtol=1e-10)
+    with pytest.raises(ValueError, match="ntk: expected shape"):
+        infinite.kernel_error(model, x, ntk=traced[:3])
 
 
 # --------------------------------------------------------------------------- #
@@ -283,9 +321,10 @@ def _linear_oracle(kern_tt, kern_st, nngp_ss, y, t, get, **kwargs):
 )
 def test_ensemble_equals_the_linear_map_of_function_space(options):
     x, xt, y = _data()
-    model = models.MLP(3, 1, width=8, depth=2, activation="tanh", sigma_w=1.5, sigma_b=0.2)
+    model = _spec(models.MLP, 3, 1, width=8, depth=2, activation="tanh", sigma_w=1.5, sigma_b=0.2)
     t = jnp.array([0.0, 0.5, 4.0, 40.0, jnp.inf])
-    kern_tt, kern_st, nngp_ss = infinite.kernels(model, x), infinite.kernels(model, xt, x), infinite.kernels(model, xt).nngp
+    kern_tt, kern_st = infinite.kernels(model, x), infinite.kernels(model, xt, x)
+    nngp_ss = infinite.kernels(model, xt).nngp
     options = dict(options)
     if options.get("time") == "discrete":  # a fraction of n/λ_max: every mode decays monotonically
         options["learning_rate"] *= y.size / np.linalg.eigvalsh(kern_tt.ntk)[-1]
@@ -301,7 +340,7 @@ def test_ensemble_equals_the_linear_map_of_function_space(options):
 
 def test_nngp_at_infinite_time_is_the_gp_posterior():
     x, xt, y = _data()
-    model = models.MLP(3, 1, width=8, depth=2, activation="erf")
+    model = _spec(models.MLP, 3, 1, width=8, depth=2, activation="erf")
     pred = infinite.predict(model, x, y, jnp.inf, x_test=xt, get="nngp")
     k, ks, kss = infinite.kernels(model, x).nngp, infinite.kernels(model, xt, x).nngp, infinite.kernels(model, xt).nngp
     np.testing.assert_allclose(pred.mean_test, ks @ jnp.linalg.solve(k, y), rtol=1e-8)
@@ -315,7 +354,7 @@ def test_ensemble_matches_monte_carlo_of_linearized_wide_networks():
     x, xt, y = _data(n=4, nt=2, outputs=outputs)
     make = lambda r: models.MLP(3, outputs, width=width, depth=1, activation="erf", sigma_w=1.5, sigma_b=0.1, rngs=r)
     t = jnp.array([0.0, 4.0, 40.0])
-    pred = infinite.predict(make(nnx.Rngs(0)), x, y, t, x_test=xt, diag_reg=0.01)
+    pred = infinite.predict(_abstract(make), x, y, t, x_test=xt, diag_reg=0.01)
     apply_fn, params = _ensemble(make, seeds)
     xs = jnp.concatenate([x, xt])
 
@@ -341,7 +380,7 @@ def test_singular_kernel_and_infinite_time_give_no_nan():
     x, xt, y = _data()
     x = x.at[1].set(x[0])  # duplicated input, conflicting targets
     y = y.at[1].set(y[0] + 1.0)
-    model = models.MLP(3, 1, width=8, depth=2, activation="relu")
+    model = _spec(models.MLP, 3, 1, width=8, depth=2, activation="relu")
     for t in (jnp.inf, 1e26, jnp.array([0.0, 1e3, jnp.inf])):
         pred = infinite.predict(model, x, y, t, x_test=xt)
         for a in (pred.mean_train, pred.mean_test, pred.cov_train, pred.cov_test):
@@ -354,7 +393,7 @@ def test_singular_kernel_and_infinite_time_give_no_nan():
 
 def test_predict_under_jit_and_traced_invalid_values_give_nan():
     x, xt, y = _data()
-    model = models.MLP(3, 1, width=8, depth=1, activation="erf")
+    model = _spec(models.MLP, 3, 1, width=8, depth=1, activation="erf")
     t = jnp.array([1.0, 10.0])
     eager = infinite.predict(model, x, y, t, x_test=xt, learning_rate=0.5)
     fn = jax.jit(lambda lr: infinite.predict(model, x, y, t, x_test=xt, learning_rate=lr))
@@ -388,21 +427,21 @@ def test_unsupported_models_are_named():
         infinite.kernels(nnx.Linear(3, 1, rngs=nnx.Rngs(0)), x)
     with pytest.raises(TypeError, match="model: .*got builtins.function"):
         infinite.predict(lambda p, x: x, x, jnp.zeros((3, 1)), 1.0)
-    model = models.MLP(3, 1, width=4, depth=1)
+    model = _spec(models.MLP, 3, 1, width=4, depth=1)
     model.activation = "swish"
     with pytest.raises(ValueError, match="model: activation 'swish' is not supported"):
         infinite.kernels(model, x)
 
 
 def test_mismatched_shapes_raise():
-    model = models.MLP(3, 1, width=4, depth=1)
+    model = _spec(models.MLP, 3, 1, width=4, depth=1)
     x = _inputs((4, 3))
     with pytest.raises(ValueError, match=r"x1: expected inputs of shape \(N, 3\)"):
         infinite.kernels(model, _inputs((4, 2)))
     with pytest.raises(ValueError, match="x2: expected inputs of shape"):
         infinite.kernels(model, x, _inputs((4, 5)))
     with pytest.raises(ValueError, match=r"x1: expected inputs of shape \(N, 5, 5, 2\)"):
-        infinite.kernels(models.CNN((5, 5, 2), 1, channels=(2,)), _inputs((2, 5, 4, 2)))
+        infinite.kernels(_spec(models.CNN, (5, 5, 2), 1, channels=(2,)), _inputs((2, 5, 4, 2)))
     with pytest.raises(ValueError, match="x_test: expected inputs of shape"):
         infinite.predict(model, x, jnp.zeros((4, 1)), 1.0, x_test=_inputs((2, 4)))
     with pytest.raises(ValueError, match="y: expected shape"):
@@ -412,7 +451,7 @@ def test_mismatched_shapes_raise():
 
 
 def test_bad_hyper_parameters_raise():
-    model = models.MLP(3, 1, width=4, depth=1)
+    model = _spec(models.MLP, 3, 1, width=4, depth=1)
     x, y = _inputs((4, 3)), jnp.zeros((4, 1))
     with pytest.raises(ValueError, match="get"):
         infinite.predict(model, x, y, 1.0, get="both")

@@ -1,0 +1,207 @@
+"""Predictions at large N: the matrix-free Krylov solver against the exact path and a float64 reference.
+
+Usage (from the repository root)::
+
+    python benchmarks/scale.py                         # the default grid (see CASES), float32
+    python benchmarks/scale.py --cases k1_n10000 k10_n2000
+    python benchmarks/scale.py --cases k1_n100000      # the N = 100,000 target (no reference: ~15 min)
+    python benchmarks/scale.py --json out.json         # also write the rows
+
+Problem: synthetic regression (``ntkdyn.experiments.data.synthetic_regression``,
+d = 8, inputs on the sphere of radius √d, 1,000 test points), MLP 2×256 erf
+(NTK parameterization, σ_w = 1.5, σ_b = 0.05), K = 1 or 10 outputs (full
+kernel), gradient flow with η = 1, t ∈ {10, 100, 1000}, float32 unless said.
+
+Each (case, solver) runs in a fresh worker process and reports:
+
+* ``total_s``: wall time of ``ntkdyn.predict``, compilation included;
+  ``compile_s``: lowering + compiling its program (that of
+  :func:`ntkdyn.krylov.prediction_program`) first, on its own, so that
+  ``total_s − compile_s`` is the computation alone (eigh: not separated);
+* ``peak_gib``: the worker's peak resident memory (``VmHWM``), everything included;
+* ``iterations`` and the largest ``error_estimate`` over the times;
+* true errors against a reference, per time then the worst one:
+  ``err_train = ‖f_t(X) − f_ref‖ / ‖f₀(X) − Y‖`` (what ``est_out`` estimates) and
+  ``err_test = ‖f_t(x*) − f_ref(x*)‖ / ‖f_ref(x*) − f₀(x*)‖`` (relative to how far
+  the test outputs move). The reference is the float64 Krylov solve at
+  ``tol = 1e-10`` of the same float32 network and data (cast to float64:
+  "the solver's own error") and, where the kernel fits, the exact float32
+  eigh path (which also freezes the modes below its cut-off at finite t:
+  "the semantics' difference", see docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, ROOT)
+
+TIMES = (10.0, 100.0, 1000.0)
+N_TEST = 1000
+# name -> (N, K, solvers run on it); "f64" is the float64 Krylov reference
+CASES = {
+    "k1_n1000": (1000, 1, ("krylov", "eigh", "f64")),  # a smoke test
+    "k1_n5000": (5000, 1, ("krylov", "eigh", "f64")),
+    "k1_n10000": (10000, 1, ("krylov", "eigh", "f64")),
+    "k1_n20000": (20000, 1, ("krylov", "f64")),
+    "k1_n50000": (50000, 1, ("krylov", "f64")),
+    "k1_n100000": (100000, 1, ("krylov",)),
+    "k10_n1000": (1000, 10, ("krylov", "eigh", "f64")),
+    "k10_n10000": (10000, 10, ("krylov", "f64")),
+}
+DEFAULT_CASES = ("k1_n5000", "k1_n10000", "k1_n20000", "k1_n50000", "k10_n1000", "k10_n10000")
+
+
+def peak_gib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def problem(n: int, k: int):
+    import jax.numpy as jnp
+
+    from ntkdyn import models
+    from ntkdyn.experiments.data import synthetic_regression
+
+    data = synthetic_regression(n, N_TEST, in_features=8, out_features=k, seed=0, dtype=jnp.float32)
+    f, p = models.mlp(8, k, width=256, depth=2, activation="erf", seed=0, dtype=jnp.float32)
+    return f, p, data
+
+
+def worker(case: str, solver: str, out: str) -> None:
+    """One (case, solver) in this process: time it, save its outputs, print one JSON line."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if solver == "f64":
+        jax.config.update("jax_enable_x64", True)
+    import ntkdyn
+    from ntkdyn import krylov
+
+    n, k, _ = CASES[case]
+    f, p, data = problem(n, k)
+    x, y, xt = data.x_train, data.y_train, data.x_test
+    times = jnp.asarray(TIMES, jnp.float32)
+    options = dict(solver="krylov")
+    if solver == "f64":
+        p = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), p)
+        x, y, xt, times = (a.astype(jnp.float64) for a in (x, y, xt, times))
+        options["tol"] = 1e-10
+    elif solver == "eigh":
+        options = dict(solver="eigh")
+    compile_s = float("nan")
+    if solver != "eigh":  # compile the program first; predict then finds it in JAX's in-memory cache
+        program, args, static = krylov.prediction_program(
+            f, p, x, y, times, x_test=xt, tol=options.get("tol"), precision="highest")
+        start = time.perf_counter()
+        program.lower(*args, **static).compile()
+        compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    pred = ntkdyn.predict(p, x, y, times, apply_fn=f, x_test=xt, **options)
+    jax.block_until_ready(pred.fx_test)
+    total = (0.0 if solver == "eigh" else compile_s) + time.perf_counter() - start
+    np.savez(out, fx_train=np.asarray(pred.fx_train, np.float64), fx_test=np.asarray(pred.fx_test, np.float64),
+             fx_train_0=np.asarray(pred.fx_train_0, np.float64), fx_test_0=np.asarray(pred.fx_test_0, np.float64),
+             y=np.asarray(y, np.float64))
+    row = dict(case=case, solver=solver, n=n, k=k, total_s=total, compile_s=compile_s, peak_gib=peak_gib(),
+               iterations=None if pred.iterations is None else int(pred.iterations),
+               estimate=None if pred.error_estimate is None else float(np.max(pred.error_estimate)),
+               estimates=None if pred.error_estimate is None else [float(e) for e in pred.error_estimate],
+               devices=jax.device_count(), load=os.getloadavg()[0])
+    print("ROW " + json.dumps(row), flush=True)
+
+
+def errors(result: str, reference: str) -> tuple[float, float]:
+    """(worst train error relative to ‖r₀‖, worst test error relative to the reference's test moves)."""
+    import numpy as np
+
+    a, b = np.load(result), np.load(reference)
+    r0 = np.linalg.norm(b["fx_train_0"] - b["y"])
+    train = np.linalg.norm((a["fx_train"] - b["fx_train"]).reshape(len(TIMES), -1), axis=1) / r0
+    moves = np.linalg.norm((b["fx_test"] - b["fx_test_0"]).reshape(len(TIMES), -1), axis=1)
+    test = np.linalg.norm((a["fx_test"] - b["fx_test"]).reshape(len(TIMES), -1), axis=1) / moves
+    return float(train.max()), float(test.max())
+
+
+def run_case(case: str, tmp: str) -> list[dict]:
+    rows = {}
+    for solver in CASES[case][2]:
+        out = os.path.join(tmp, f"{case}_{solver}.npz")
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", case, solver, out],
+                              cwd=ROOT, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+        if proc.returncode != 0 or not lines:
+            print(f"{case} {solver}: failed\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", file=sys.stderr)
+            continue
+        row = json.loads(lines[-1][4:])
+        row["file"] = out
+        rows[solver] = row
+        print(f"  {case} {solver}: {row['total_s']:.1f} s, peak {row['peak_gib']:.2f} GiB, "
+              f"iterations {row['iterations']}, estimate {row['estimate']}", flush=True)
+    kry = rows.get("krylov")
+    if kry is not None:
+        for ref in ("f64", "eigh"):
+            if ref in rows:
+                kry[f"err_train_vs_{ref}"], kry[f"err_test_vs_{ref}"] = errors(kry["file"], rows[ref]["file"])
+    if "eigh" in rows and "f64" in rows:
+        rows["eigh"]["err_train_vs_f64"], rows["eigh"]["err_test_vs_f64"] = errors(rows["eigh"]["file"],
+                                                                                  rows["f64"]["file"])
+    return list(rows.values())
+
+
+def fmt(value, spec=".2g"):
+    return "–" if value is None or value != value else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| case | solver | total s | compile s | peak GiB | iterations | estimate (max over t) | "
+            "err train vs f64 | err test vs f64 | err train vs eigh | err test vs eigh |")
+    lines = [head, "| " + " | ".join(["---"] * 11) + " |"]
+    for r in rows:
+        what = f"N={r['n']:,}, K={r['k']}"
+        lines.append(
+            f"| {what} | {r['solver']} | {fmt(r['total_s'], '.1f')} | {fmt(r['compile_s'], '.1f')} | "
+            f"{fmt(r['peak_gib'], '.2f')} | {fmt(r['iterations'], 'd') if r['iterations'] else '–'} | "
+            f"{fmt(r['estimate'])} | {fmt(r.get('err_train_vs_f64'))} | {fmt(r.get('err_test_vs_f64'))} | "
+            f"{fmt(r.get('err_train_vs_eigh'))} | {fmt(r.get('err_test_vs_eigh'))} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="*", default=list(DEFAULT_CASES), choices=sorted(CASES))
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--worker", nargs=3, metavar=("CASE", "SOLVER", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in args.cases:
+            print(f"{case} (load average {os.getloadavg()[0]:.1f})", flush=True)
+            rows += run_case(case, tmp)
+    for r in rows:
+        r.pop("file", None)
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,8 @@ def write(path, **arrays):
 
 
 def test_labels_become_one_hot_rows_and_inputs_keep_their_shape(tmp_path):
-    path = write(tmp_path / "d.npz", y_train=np.array([0, 2, 1, 0, 0, 2, 1, 1, 0, 2]), y_test=np.array([3, 0, 0, 1, 2, 2]))
+    path = write(tmp_path / "d.npz", y_train=np.array([0, 2, 1, 0, 0, 2, 1, 1, 0, 2]),
+                 y_test=np.array([3, 0, 0, 1, 2, 2]))
     raw = np.load(path)
     data = npz(path, 7, 5, dtype="float64")
     assert data.input_shape == (4, 3, 2) and data.in_features == 24 and data.num_outputs == 4  # K = max label + 1
@@ -126,8 +127,7 @@ def test_config_records_path_and_content_hash_and_a_changed_file_is_a_new_point(
     (config,) = grid.points()
     assert config["dataset"] == str(path.resolve()) and config["data_hash"] == file_hash(path)
     assert (config["in_features"], config["out_features"]) == (3, read_npz(path)["y_train"].shape[1])
-    rec = run_point(json.loads(json.dumps(config)))
-    assert rec["metrics"]["closed_form"] and rec["metrics"]["lin_consistency"] < 1e-8
+    assert json.loads(json.dumps(config)) == config  # the point runs from this alone (test_families)
 
     write(path, x_train=np.random.default_rng(4).standard_normal((10, 3)),
           x_test=np.random.default_rng(3).standard_normal((6, 3)))

@@ -18,6 +18,7 @@ from flax import linen, nnx
 from ntkdyn import models
 from ntkdyn.experiments import families
 from ntkdyn.experiments.cli import main
+from ntkdyn.experiments import sweep as sweep_module
 from ntkdyn.experiments.report import slope_table
 from ntkdyn.experiments.sweep import (
     SweepGrid,
@@ -240,7 +241,7 @@ def test_seed_group_records_equal_one_by_one_records():
     assert len({r["metrics"]["loss_final"] for r in batched}) == 3
 
 
-def test_points_that_cannot_be_batched_run_one_by_one(tmp_path):
+def test_points_that_cannot_be_batched_run_one_by_one(tmp_path, monkeypatch):
     src = tmp_path / "odd.py"
     src.write_text(textwrap.dedent('''
         from ntkdyn import models
@@ -250,11 +251,22 @@ def test_points_that_cannot_be_batched_run_one_by_one(tmp_path):
             return models.MLP(input_shape[0], out_features, width=width, depth=1 + seed % 2, rngs=nnx.Rngs(seed),
                               dtype="float64")
     '''))
-    configs = SweepGrid(widths=(4,), model=f"{src}:family", **{**TINY, "seeds": (0, 1)}).points()
-    with pytest.raises(ValueError, match="members"):
-        run_seed_group(configs)
+    configs = SweepGrid(widths=(4,), model=f"{src}:family", **{**TINY, "seeds": (0, 1, 2)}).points()
+    with pytest.raises(ValueError, match="members: the initializations must share one architecture"):
+        run_seed_group(configs)  # refused at stacking, before anything is compiled
+
+    ran = []
+
+    def one(config, data_cache=None):  # the per-point fallback, without computing anything
+        if config["seed"] == 2:
+            raise RuntimeError("boom")
+        ran.append(config["seed"])
+        return {"key": point_key(config)}
+
+    monkeypatch.setattr(sweep_module, "run_point", one)
     out = list(run_points_batched(configs))
-    assert [c["seed"] for c, _, _ in out] == [0, 1] and all(r is not None and e is None for _, r, e in out)
+    assert ran == [0, 1] and [c["seed"] for c, _, _ in out] == [0, 1, 2]
+    assert [r is not None for _, r, _ in out] == [True, True, False] and isinstance(out[2][2], RuntimeError)
 
 
 # --------------------------------------------------------------------------- #

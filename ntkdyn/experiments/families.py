@@ -325,7 +325,8 @@ def accepted_options(family: Family) -> frozenset[str]:
         return frozenset()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return frozenset(OPTIONS)
-    names = {p.name for p in params if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+    named = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = {p.name for p in params if p.kind in named}
     return frozenset(OPTIONS) & names
 
 
@@ -335,7 +336,7 @@ def accepted_options(family: Family) -> frozenset[str]:
 
 
 def as_model_and_params(made: Any, where: str = "family") -> tuple[models.Model, Any]:
-    """``(Model, params)`` from what a family returned (an nnx.Module, (linen module, variables), (apply_fn, params))."""
+    """``(Model, params)`` from a family's result: nnx.Module, (linen module, variables) or (apply_fn, params)."""
     if isinstance(made, nnx.Module):
         return models.as_apply_fn(made)
     if isinstance(made, (tuple, list)) and len(made) == 2 and callable(made[0]):

@@ -46,6 +46,7 @@ __all__ = [
     "breakdown_threshold",
     "STALE_MARKER",
     "width_n_rows",
+    "comparisons_text",
 ]
 
 SLOPE_METRICS = ("test_gap", "train_gap", "lin_trained_test_gap", "lin_trained_train_gap", "kernel_drift",
@@ -629,7 +630,7 @@ def _render(out: Path, records: list[dict]) -> list[str]:
         "",
         "## Which comparison each number is",
         "",
-        _comparisons_text(records),
+        comparisons_text(records),
         "",
         "## Slopes against width",
         "",
@@ -684,7 +685,7 @@ def _render(out: Path, records: list[dict]) -> list[str]:
     return list(written)
 
 
-def _comparisons_text(records: Sequence[dict]) -> str:
+def comparisons_text(records: Sequence[dict]) -> str:
     """Which comparisons the points of this report hold (closed form, trained f_lin), in words."""
     kinds = defaultdict(int)
     for r in records:
@@ -694,7 +695,8 @@ def _comparisons_text(records: Sequence[dict]) -> str:
     lines = ["Every point compares the real network with the linearized network `f_lin` trained the same way "
              "(`lin_trained_*`)."]
     for (optimizer, batch, loss, closed), count in sorted(kinds.items()):
-        how = f"{count} point{'s' if count != 1 else ''}: {optimizer}, {'batch ' + str(batch) if batch else 'full batch'}, {loss} loss"
+        minibatch = f"batch {batch}" if batch else "full batch"
+        how = f"{count} point{'s' if count != 1 else ''}: {optimizer}, {minibatch}, {loss} loss"
         if closed and batch:
             how += (" — also against the closed form for full-batch "
                     + ("heavy ball" if optimizer == "momentum" else "GD")

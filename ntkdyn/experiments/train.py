@@ -81,7 +81,7 @@ def mse_loss(fx: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def cross_entropy_loss(fx: jax.Array, y: jax.Array) -> jax.Array:
-    """``−1/N · Σ_i Σ_k y_ik log softmax(fx_i)_k``: softmax cross-entropy of logits ``fx`` (N, K), probability rows ``y``."""
+    """``−1/N · Σ_i Σ_k y_ik log softmax(fx_i)_k``: cross-entropy of logits ``fx`` (N, K), probability rows ``y``."""
     return jnp.mean(optax.softmax_cross_entropy(fx, y))
 
 

@@ -318,12 +318,14 @@ def _cmd_compare(args) -> int:
     print("gaps are relative: ‖f_t − f^lin_t‖ / ‖f_0 − Y‖; weight gap ‖θ_t − θ^lin_t‖ / ‖θ_t − θ_0‖; "
           "lin-trained: f_lin trained with the same optimizer, minibatches and steps")
     print(f"max lin-trained gap: test {_num(m['lin_trained_test_gap'])}, train {_num(m['lin_trained_train_gap'])}")
-    if not m["closed_form"]:
-        print(f"no closed form for {config['optimizer']} on {config['loss']}: the Eq. 8/9/10 columns are '-'")
-    print(f"max test gap {_num(m['test_gap'])}, max train gap {_num(m['train_gap'])}, "
-          f"kernel drift {_num(m['kernel_drift'])}, max weight gap {_num(m['weight_gap'])}, "
-          f"f_lin(θlin) vs Eq. 9/10 {_num(m['lin_consistency'])}"
-          + ("" if m["linear_diverged"] else " (round-off)"))
+    if m["closed_form"]:
+        print(f"max test gap {_num(m['test_gap'])}, max train gap {_num(m['train_gap'])}, "
+              f"kernel drift {_num(m['kernel_drift'])}, max weight gap {_num(m['weight_gap'])}, "
+              f"f_lin(θlin) vs Eq. 9/10 {_num(m['lin_consistency'])}"
+              + ("" if m["linear_diverged"] else " (round-off)"))
+    else:
+        print(f"no closed form for {config['optimizer']} on {config['loss']}: the Eq. 8/9/10 columns are '-'; "
+              f"kernel drift {_num(m['kernel_drift'])}")
     layers = {k[len("weight_change["):-1]: v for k, v in m.items() if k.startswith("weight_change[")}
     print("relative weight change per layer ‖θ_T − θ_0‖/‖θ_0‖: "
           + ", ".join(f"{k} {_num(v)}" for k, v in layers.items()))

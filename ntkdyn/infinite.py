@@ -59,6 +59,7 @@ from ntkdyn import _validate, models, spectral
 __all__ = [
     "Kernels",
     "Architecture",
+    "Layer",
     "EnsemblePrediction",
     "architecture",
     "kernels",
@@ -247,8 +248,11 @@ def _conv_layer(conv, spatial: tuple, name: str) -> tuple[Layer, tuple]:
 def architecture(model) -> Architecture:
     """The :class:`Architecture` of an :class:`ntkdyn.models.MLP` or :class:`ntkdyn.models.CNN` instance.
 
-    The width of the instance does not enter in NTK parameterization; in
-    standard parameterization the layers' fan-ins do (see the module notes).
+    Only static attributes and weight *shapes* are read, so an abstract module
+    works as well, e.g. ``nnx.eval_shape(lambda: models.MLP(3, width=4096))``
+    (no weights drawn). The width of the instance does not enter in NTK
+    parameterization; in standard parameterization the layers' fan-ins do
+    (see the module notes).
 
     Raises:
       TypeError: ``model`` is not one of the builders (a plain function, an

@@ -227,12 +227,23 @@ def _check_spectrum(spec: Spectrum, prob: _Problem, time: str) -> None:
                                   dtype, size=prob.mat.shape[0])
     if time != "discrete" or not _validate.is_concrete((spec.eigenvalues, prob.lr)):
         return
-    lam_max = float(spec.max_eigenvalue)
+    times = prob.times if _validate.is_concrete(prob.times) else None
+    _check_discrete_rate(float(spec.max_eigenvalue), float(prob.lr), prob.momentum, prob.n, times, dtype)
+
+
+def _check_discrete_rate(lam_max: float, lr: float, beta: float, n: int, times, dtype, *, note: str = "") -> None:
+    """Eager discrete-time checks against the top eigenvalue ``λ_max`` (of Θ, or its Ritz estimate).
+
+    Plain descent (β = 0) past ``ηλ_max/n > 1`` has a negative ``1 − ηλ/n``: only whole
+    step counts are defined (ValueError for a fractional one in ``times``; None skips
+    this). Past ``max_learning_rate = 2(1+β)n/λ_max`` descent diverges
+    (:class:`UnstableLearningRateWarning`, ``note`` appended to the limit; reached as
+    public function → solver → check → here, so it points at the user's call).
+    """
     if lam_max <= 0:
         return
-    lr, beta, n = float(prob.lr), prob.momentum, prob.n
-    if beta == 0 and lr * lam_max / n > 1 and _validate.is_concrete(prob.times):
-        values = np.asarray(prob.times)
+    if beta == 0 and lr * lam_max / n > 1 and times is not None:
+        values = np.asarray(times)
         fractional = np.isfinite(values) & (values != np.round(values))
         if np.any(fractional):
             raise ValueError(
@@ -246,10 +257,10 @@ def _check_spectrum(spec: Spectrum, prob: _Problem, time: str) -> None:
     if lr > limit * (1.0 + 8.0 * float(jnp.finfo(dtype).eps)):
         what = "2n/λ_max" if beta == 0 else "2(1+β)n/λ_max"
         warnings.warn(
-            f"learning_rate={lr:.6g} is above max_learning_rate = {what} = {limit:.6g}: "
+            f"learning_rate={lr:.6g} is above max_learning_rate = {what} = {limit:.6g}{note}: "
             "discrete descent on the linearized model diverges",
             UnstableLearningRateWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
 

@@ -17,16 +17,14 @@ Eq. 8 weights) at every requested time:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from ntkdyn import _validate, krylov
-from ntkdyn.dynamics import UnstableLearningRateWarning, _drop_time_axis, solve, weights_from_alpha
+from ntkdyn.dynamics import _check_discrete_rate, _drop_time_axis, solve, weights_from_alpha
 from ntkdyn.kernels import empirical_ntk, output_shape
 from ntkdyn.kernels.planner import available_memory
 from ntkdyn.kernels.precision import normalize as _precision
@@ -321,23 +319,7 @@ def _check_steps(info: krylov.KrylovInfo, lr, beta: float, n: int, time: str, ti
     """Discrete-time checks on the Ritz estimate of λ_max (a lower bound that converges first)."""
     if time != "discrete" or not _validate.is_concrete((info.max_eigenvalue, lr, times)):
         return
-    lam_max, lr = float(info.max_eigenvalue), float(lr)
-    if lam_max <= 0:
-        return
-    values = np.asarray(times)
-    fractional = np.isfinite(values) & (values != np.round(values))
-    if beta == 0 and lr * lam_max / n > 1 and np.any(fractional):
-        raise ValueError(
-            f"t: time='discrete' with learning_rate={lr:.6g} above n/λ_max={n / lam_max:.6g} "
-            "makes (1 − ηλ/n) negative, so only whole step counts are defined; "
-            f"got fractional t={values[fractional][0]}"
-        )
-    limit = 2.0 * (1.0 + beta) * n / lam_max
-    if lr > limit * (1.0 + 8.0 * float(jnp.finfo(info.max_eigenvalue.dtype).eps)):
-        what = "2n/λ_max" if beta == 0 else "2(1+β)n/λ_max"
-        warnings.warn(
-            f"learning_rate={lr:.6g} is above max_learning_rate = {what} = {limit:.6g} (λ_max from the largest "
-            "Ritz value): discrete descent on the linearized model diverges",
-            UnstableLearningRateWarning,
-            stacklevel=4,
-        )
+    _check_discrete_rate(
+        float(info.max_eigenvalue), float(lr), beta, n, times, info.max_eigenvalue.dtype,
+        note=" (λ_max from the largest Ritz value)",
+    )

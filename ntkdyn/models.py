@@ -187,7 +187,42 @@ def _init_scales(parameterization: str, fan_in: int, sigma_w: float, sigma_b: fl
     return sigma_w / math.sqrt(fan_in), sigma_b, 1.0, 1.0
 
 
-class NTKDense(nnx.Module):
+class _ScaledLayer(nnx.Module):
+    """What :class:`NTKDense` and :class:`NTKConv` share: ``z = w_mult · (a ⋆ kernel) + b_mult · bias``.
+
+    NTK parameterization draws ``kernel`` and ``bias`` from N(0, 1) and scales
+    the forward pass (``w_mult = σ_w/√fan_in``, ``b_mult = σ_b``); standard
+    parameterization draws them with those stds and multiplies by 1.
+    """
+
+    def _init_weights(self, kernel_shape: tuple[int, ...], fan_in: int, *, parameterization: str, sigma_w: float,
+                      sigma_b: float | None, rngs: nnx.Rngs, dtype):
+        """``kernel`` of ``kernel_shape``, ``bias`` of its last axis (none for ``sigma_b=None``), the multipliers."""
+        _validate.choice("parameterization", parameterization, PARAMETERIZATIONS)
+        dtype = dtype or jnp.result_type(float)
+        # the architecture, kept static for the analytic kernels (ntkdyn.infinite)
+        self.parameterization = parameterization
+        self.sigma_w = float(sigma_w)
+        self.sigma_b = None if sigma_b is None else float(sigma_b)
+        w_std, b_std, self.w_mult, self.b_mult = _init_scales(
+            parameterization, fan_in, sigma_w, sigma_b or 0.0
+        )
+        self.kernel = nnx.Param(w_std * jax.random.normal(rngs.params(), kernel_shape, dtype))
+        self.bias = (
+            None
+            if sigma_b is None
+            else nnx.Param(b_std * jax.random.normal(rngs.params(), kernel_shape[-1:], dtype))
+        )
+
+    def _scaled(self, z):
+        """``w_mult · z + b_mult · bias`` for the unscaled product ``z = a ⋆ kernel``."""
+        z = self.w_mult * z
+        if self.bias is not None:
+            z = z + self.b_mult * self.bias[...]
+        return z
+
+
+class NTKDense(_ScaledLayer):
     """Dense layer ``z = w_mult · (a @ kernel) + b_mult · bias``.
 
     ``kernel`` has shape (fan_in, fan_out), ``bias`` (fan_out,) — the names of
@@ -206,34 +241,20 @@ class NTKDense(nnx.Module):
         rngs: nnx.Rngs,
         dtype=None,
     ):
-        _validate.choice("parameterization", parameterization, PARAMETERIZATIONS)
         if in_features < 1 or out_features < 1:
             raise ValueError(
                 f"in_features/out_features: expected positive sizes, got {in_features}, {out_features}"
             )
-        dtype = dtype or jnp.result_type(float)
-        # the architecture, kept static for the analytic kernels (ntkdyn.infinite)
-        self.parameterization = parameterization
-        self.sigma_w = float(sigma_w)
-        self.sigma_b = None if sigma_b is None else float(sigma_b)
-        w_std, b_std, self.w_mult, self.b_mult = _init_scales(
-            parameterization, in_features, sigma_w, sigma_b or 0.0
-        )
-        self.kernel = nnx.Param(w_std * jax.random.normal(rngs.params(), (in_features, out_features), dtype))
-        self.bias = (
-            None
-            if sigma_b is None
-            else nnx.Param(b_std * jax.random.normal(rngs.params(), (out_features,), dtype))
+        self._init_weights(
+            (in_features, out_features), in_features, parameterization=parameterization, sigma_w=sigma_w,
+            sigma_b=sigma_b, rngs=rngs, dtype=dtype,
         )
 
     def __call__(self, a):
-        z = self.w_mult * (a @ self.kernel[...])
-        if self.bias is not None:
-            z = z + self.b_mult * self.bias[...]
-        return z
+        return self._scaled(a @ self.kernel[...])
 
 
-class NTKConv(nnx.Module):
+class NTKConv(_ScaledLayer):
     """2-D convolution, NHWC inputs, HWIO ``kernel``; NTK or standard scaling.
 
     ``fan_in = kh · kw · c_in``. ``padding`` is ``"SAME"``/``"VALID"`` or
@@ -254,24 +275,13 @@ class NTKConv(nnx.Module):
         rngs: nnx.Rngs,
         dtype=None,
     ):
-        _validate.choice("parameterization", parameterization, PARAMETERIZATIONS)
         ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.kernel_size = ks
         self.strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
         self.padding = padding if isinstance(padding, str) else tuple(tuple(int(p) for p in pair) for pair in padding)
-        self.parameterization = parameterization
-        self.sigma_w = float(sigma_w)
-        self.sigma_b = None if sigma_b is None else float(sigma_b)
-        dtype = dtype or jnp.result_type(float)
-        fan_in = ks[0] * ks[1] * in_channels
-        w_std, b_std, self.w_mult, self.b_mult = _init_scales(
-            parameterization, fan_in, sigma_w, sigma_b or 0.0
-        )
-        self.kernel = nnx.Param(w_std * jax.random.normal(rngs.params(), (*ks, in_channels, out_channels), dtype))
-        self.bias = (
-            None
-            if sigma_b is None
-            else nnx.Param(b_std * jax.random.normal(rngs.params(), (out_channels,), dtype))
+        self._init_weights(
+            (*ks, in_channels, out_channels), ks[0] * ks[1] * in_channels, parameterization=parameterization,
+            sigma_w=sigma_w, sigma_b=sigma_b, rngs=rngs, dtype=dtype,
         )
 
     def __call__(self, a):
@@ -282,10 +292,7 @@ class NTKConv(nnx.Module):
             padding=self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        z = self.w_mult * z
-        if self.bias is not None:
-            z = z + self.b_mult * self.bias[...]
-        return z
+        return self._scaled(z)
 
 
 # --------------------------------------------------------------------------- #

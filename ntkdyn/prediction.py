@@ -247,20 +247,21 @@ def predict(
         momentum=momentum, diag_reg=diag_reg, diag_reg_absolute=diag_reg_absolute, time=time, rcond=rcond,
     )
     theta = weights_from_alpha(apply_fn, p0, x, sol.alpha) if weights else None
+    return _trajectory(
+        times, scalar, sol.train, sol.test, theta, ntk_train_train=k_tt, ntk_test_train=k_st, spectrum=sol.spectrum,
+        fx_train_0=fx_train_0, fx_test_0=fx_test_0, learning_rate=learning_rate, momentum=momentum, time=time,
+        solver="eigh",
+    )
+
+
+def _trajectory(times, scalar: bool, train, test, params, **fields) -> Prediction:
+    """A :class:`Prediction` from (T, ...) outputs and weights: a scalar ``t`` drops their time axis."""
     return Prediction(
         t=times[0] if scalar else times,
-        fx_train=_drop_time_axis(sol.train, scalar),
-        fx_test=_drop_time_axis(sol.test, scalar),
-        params=_drop_time_axis(theta, scalar),
-        ntk_train_train=k_tt,
-        ntk_test_train=k_st,
-        spectrum=sol.spectrum,
-        fx_train_0=fx_train_0,
-        fx_test_0=fx_test_0,
-        learning_rate=learning_rate,
-        momentum=momentum,
-        time=time,
-        solver="eigh",
+        fx_train=_drop_time_axis(train, scalar),
+        fx_test=_drop_time_axis(test, scalar),
+        params=_drop_time_axis(params, scalar),
+        **fields,
     )
 
 
@@ -289,23 +290,11 @@ def _predict_krylov(
     _finite_outputs(out)
     _check_steps(out.info, learning_rate, beta, y.size, time, times)
     krylov.warn_if_not_converged(out.info, stacklevel=4)
-    return Prediction(
-        t=times[0] if scalar else times,
-        fx_train=_drop_time_axis(out.fx_train, scalar),
-        fx_test=_drop_time_axis(out.fx_test, scalar),
-        params=_drop_time_axis(out.params, scalar),
-        ntk_train_train=None,
-        ntk_test_train=None,
-        spectrum=None,
-        fx_train_0=out.fx_train_0,
-        fx_test_0=out.fx_test_0,
-        iterations=out.info.iterations,
-        error_estimate=_drop_time_axis(out.info.error_estimate, scalar),
-        krylov_info=out.info,
-        learning_rate=learning_rate,
-        momentum=beta,
-        time=time,
-        solver="krylov",
+    return _trajectory(
+        times, scalar, out.fx_train, out.fx_test, out.params, ntk_train_train=None, ntk_test_train=None,
+        spectrum=None, fx_train_0=out.fx_train_0, fx_test_0=out.fx_test_0, iterations=out.info.iterations,
+        error_estimate=_drop_time_axis(out.info.error_estimate, scalar), krylov_info=out.info,
+        learning_rate=learning_rate, momentum=beta, time=time, solver="krylov",
     )
 
 

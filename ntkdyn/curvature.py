@@ -258,21 +258,16 @@ def lanczos(
     return run(key)
 
 
-def top_eigenvalues(
-    operator: Callable[[Any], Any],
-    params: Any,
-    *,
-    k: int = 1,
-    num_iter: int | None = None,
-    which: str = "largest",
-    key=None,
-    seed: int = 0,
-) -> LanczosResult:
+def top_eigenvalues(operator: Callable[[Any], Any], params: Any, **lanczos_options) -> LanczosResult:
     """Lanczos on an operator acting on pytrees shaped like ``params``.
 
     ``operator(v_tree) -> A v_tree`` (e.g. ``lambda v: hvp(loss, params, v)``).
     The pytree is flattened with ``ravel_pytree``; Ritz vectors come back flat
-    (dim, k) in that order.
+    (dim, k) in that order. The working dtype is the params' own.
+
+    ``lanczos_options``: every keyword of :func:`lanczos` but ``dtype`` —
+    ``k``, ``num_iter``, ``which``, ``key``, ``seed`` — forwarded unchanged
+    (same defaults; an unknown keyword raises TypeError).
     """
     _validate.params_tree("params", params)
     flat, unravel = ravel_pytree(params)
@@ -280,7 +275,7 @@ def top_eigenvalues(
     def matvec(v):
         return ravel_pytree(operator(unravel(v.astype(flat.dtype))))[0]
 
-    return lanczos(matvec, flat.size, k=k, num_iter=num_iter, which=which, key=key, seed=seed, dtype=flat.dtype)
+    return lanczos(matvec, flat.size, dtype=flat.dtype, **lanczos_options)
 
 
 def hessian_eigenvalues(loss_fn: Callable[[Any], jax.Array], params: Any, **lanczos_options) -> LanczosResult:

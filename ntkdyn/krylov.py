@@ -58,8 +58,8 @@ vectors ``c_F(t) = ‖r₀‖ F(T_k, t) e₁`` and ``c_G(t)`` are compared with 
 the previous check; because Q is orthonormal, and ``Q_kᵀ (Θ + reg·I) Q_k = T_k``,
 the change of the approximation is measured on the coefficients alone,
 
-    est_out(t)   = ‖Δc_F(t)‖ / ‖r₀‖                        (train outputs, relative to the initial residual)
-    est_alpha(t) = ‖Δc_G(t)‖_{T−reg} / ‖c_G(t)‖_{T−reg}     (α_t as a change of the weights, ‖Jᵀ·‖, relative)
+    est_out(t)   = ‖Δc_F(t)‖ / ‖r₀‖                      (train outputs, relative to the initial residual)
+    est_alpha(t) = ‖Δc_G(t)‖_{T−reg} / ‖c_G(t)‖_{T−reg}   (α_t as a weight change ‖Jᵀ·‖, relative)
 
 with ``‖x‖²_{T−reg} = xᵀ (T_k − reg·I) x = ‖Jᵀ Q_k x‖²``: the weights
 ``θ₀ − Jᵀ α_t`` (Eq. 8) and, through ``|J(x*) Jᵀ δα| ≤ ‖J(x*)‖ ‖Jᵀ δα‖``,
@@ -122,10 +122,14 @@ __all__ = [
     "KrylovConvergenceWarning",
     "KrylovInfo",
     "KrylovSolution",
+    "KrylovPrediction",
     "default_tol",
     "default_max_iter",
+    "default_tile",
     "lanczos_dynamics",
     "warn_if_not_converged",
+    "predict_operator",
+    "prediction_program",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -447,6 +451,7 @@ def lanczos_dynamics(
         return (state["j"] < big) & ~state["converged"] & ~jnp.all(state["done"])
 
     zeros_t = jnp.zeros((n_times,), dtype)
+    unknown = jnp.where(jnp.all(beta0 == 0), 0.0, 1.0)  # r₀ = 0 is answered exactly, without a step
     state = dict(
         j=jnp.zeros((), jnp.int32),
         basis=basis,
@@ -459,15 +464,19 @@ def lanczos_dynamics(
         ritz=jnp.full((c, big), -1.0, dtype),
         theta_max=jnp.zeros((), dtype),
         cutoff=jnp.zeros((), dtype),
-        est=jnp.ones((n_times,), dtype),
-        est_out=zeros_t + 1.0,
-        est_alpha=zeros_t + 1.0,
+        est=zeros_t + unknown,
+        est_out=zeros_t + unknown,
+        est_alpha=zeros_t + unknown,
         converged=jnp.all(beta0 == 0),
     )
     state = jax.lax.while_loop(cond, body, state)
     pad = jnp.zeros((n_times, 1, c), dtype)
-    fitted = jnp.einsum("j...c,tjc->t...c", state["basis"], jnp.concatenate([state["c_fit"], pad], 1), precision=_HIGHEST)
-    alpha = jnp.einsum("j...c,tjc->t...c", state["basis"], jnp.concatenate([state["c_gain"], pad], 1), precision=_HIGHEST)
+
+    def expand(coefficients):  # Q x for every time, x padded to the basis' M + 1 rows
+        x = jnp.concatenate([coefficients, pad], axis=1)
+        return jnp.einsum("j...c,tjc->t...c", state["basis"], x, precision=_HIGHEST)
+
+    fitted, alpha = expand(state["c_fit"]), expand(state["c_gain"])
     info = KrylovInfo(
         iterations=state["j"],
         error_estimate=state["est"],
@@ -584,6 +593,15 @@ def _local_solve(
         out["params"] = jax.tree_util.tree_map(
             lambda p0, d: p0[None] - jnp.moveaxis(d, -1, 0).astype(p0.dtype), params, tangent
         )
+    # under jit the hyper-parameters are not checked eagerly: an invalid one gives NaN, never a wrong number
+    ok = jnp.isfinite(lr) & (lr > 0) & jnp.isfinite(diag_reg) & (diag_reg >= 0)
+    ok_t = ok & (times >= 0)
+    if momentum > 0:
+        ok_t = ok_t & (jnp.isinf(times) | (times == jnp.round(times)))
+    for key in ("fx_train", "alpha", "fx_test", "params"):
+        out[key] = jax.tree_util.tree_map(
+            lambda a: _validate.nan_unless(ok_t.reshape(-1, *([1] * (a.ndim - 1))), a), out[key]
+        )
     return out
 
 
@@ -624,9 +642,13 @@ def _pipeline(model, params, x, mask, y, x_test, mask_test, times, lr, diag_reg,
 _pipeline_jit = jax.jit(_pipeline, static_argnames=_STATIC)
 
 
-def default_tile(n_local: int) -> int:
-    """Rows per VJP/JVP call on one device: all of them up to 4096, else 4096."""
-    return int(min(max(n_local, 1), 4096))
+def default_tile(model, params, x_local, columns: int) -> int:
+    """Rows per VJP/JVP call on one device: at most 4096, and no more than the kernel planner's
+    operator memory model fits in a quarter of the memory budget (:func:`ntkdyn.kernels.planner.chunk_size`)."""
+    from ntkdyn.kernels import planner
+
+    budget = planner.memory_budget(None) / 4
+    return int(min(4096, planner.chunk_size(model, params, x_local, x_local, columns, "auto", budget)))
 
 
 def predict_operator(
@@ -696,7 +718,11 @@ def prediction_program(
     n_train, outputs = y.shape
     dtype = jnp.result_type(jax.eval_shape(lambda m, p, xx: m(p, xx), model, params, x[:1]).dtype)
     n_local = -(-n_train // mesh.size)
-    tile = default_tile(n_local) if tile_size is None else _validate.count("tile_size", tile_size)
+    if tile_size is None:
+        columns = max(1 if not trace_outputs else outputs, np.shape(times)[0]) * (outputs if trace_outputs else 1)
+        tile = default_tile(model, params, x[:n_local], columns)
+    else:
+        tile = _validate.count("tile_size", tile_size)
     tile = int(min(tile, max(n_local, 1)))
     params_size = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(params))
     trace_tile = _divisor_at_most(tile, max(1, 2**24 // max(1, params_size * outputs)))

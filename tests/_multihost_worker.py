@@ -49,7 +49,8 @@ def prediction(mesh):
     weights = np.stack([ravel_pytree(jax.tree_util.tree_map(lambda a: local(a)[i], pred.params))[0]
                         for i in range(len(TIMES))])
     return dict(fx_train=local(pred.fx_train), fx_test=local(pred.fx_test), weights=weights,
-                estimate=local(pred.error_estimate), iterations=local(pred.iterations))
+                estimate=local(pred.error_estimate), iterations=local(pred.iterations),
+                converged=local(pred.krylov_info.converged))
 
 
 def devices(out: str) -> None:

@@ -63,7 +63,11 @@ def test_four_devices_give_the_one_device_prediction(four_devices):
     for key in ("fx_train", "fx_test", "weights"):
         assert d[f"all_{key}"].shape == d[f"one_{key}"].shape
         _close(d[f"all_{key}"], d[f"one_{key}"], key)
-    assert np.all(d["all_estimate"] <= 1e-5) and np.all(d["one_estimate"] <= 1e-5)
+    # both iterates settled to the requested tol = 1e-5; the reported estimate adds float32's round-off
+    # floor k·eps·√κ_t (krylov module docstring), which here is itself ~1e-5
+    assert bool(d["all_converged"]) and bool(d["one_converged"])
+    assert np.all(d["all_estimate"] <= 1e-4) and np.all(d["one_estimate"] <= 1e-4)
+    assert abs(int(d["all_iterations"]) - int(d["one_iterations"])) <= 10  # at most one check apart
 
 
 def test_dense_kernel_rows_are_spread_over_the_four_devices(four_devices):

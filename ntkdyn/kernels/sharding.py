@@ -199,10 +199,12 @@ def local_matvec(model, params, x, mask, v, *, axes: Axes, tile: int, x_out=None
 
 
 def local_traced_matvec(model, params, x, mask, v, *, axes: Axes, tile: int, x_out=None, mask_out=None):
-    """Rows of ``Θ_tr(x_out, x) v`` for v (n, c): ``(1/K) Σ_k J_k(x_out) J_k(x)ᵀ v`` per column (K·c VJP/JVP columns)."""
+    """Rows of ``Θ_tr(x_out, x) v`` for v (n, c): ``(1/K) Σ_k J_k(x_out) J_k(x)ᵀ v`` per column.
+
+    K·c VJP/JVP columns: column (k, j) carries ``v[:, j]`` on output k only.
+    """
     n, c = v.shape
     k = jax.eval_shape(lambda m, p, xx: m(p, xx), model, params, x[:1]).shape[1]
-    # cotangent column (k, j): v[:, j] placed on output k only
     cot = jnp.einsum("nj,lk->nlkj", v, jnp.eye(k, dtype=v.dtype)).reshape(n, k, k * c)
     out = local_matvec(model, params, x, mask, cot, axes=axes, tile=tile, x_out=x_out, mask_out=mask_out)
     return jnp.einsum("nkkj->nj", out.reshape(out.shape[0], k, k, c)) / k

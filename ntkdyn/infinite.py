@@ -795,16 +795,22 @@ def ensemble(
                 raise ValueError("nngp_test_test: required for the test covariance (or pass covariance=False)")
             nngp_ss = _check_kernel("nngp_test_test", nngp_test_test, n_test, n_test)
             _validate.symmetric("nngp_test_test", nngp_ss)
-    return _ensemble(nngp_tt, ntk_tt, y, t, nngp_st, ntk_st, nngp_ss, learning_rate=learning_rate,
-                     diag_reg=diag_reg, time=time, covariance=covariance, get=get)
+    options = _ensemble_options(learning_rate=learning_rate, diag_reg=diag_reg, time=time, covariance=covariance,
+                                get=get)
+    return _ensemble(nngp_tt, ntk_tt, y, t, nngp_st, ntk_st, nngp_ss, **options)
 
 
-def _ensemble(nngp_tt, ntk_tt, y, t, nngp_st, ntk_st, nngp_ss, *, learning_rate, diag_reg, time, covariance, get):
-    """:func:`ensemble` on checked kernels (the analytic ones are PSD by construction)."""
+def _ensemble_options(*, learning_rate=1.0, diag_reg=0.0, time="continuous", covariance=True, get="ntk") -> dict:
+    """:func:`ensemble`'s options (its defaults), ``get``, ``time`` and ``covariance`` checked."""
     _validate.choice("get", get, GETS)
     _validate.choice("time", time, spectral.TIMES)
     if not isinstance(covariance, (bool, np.bool_)):
         raise TypeError(f"covariance: expected a bool, got {covariance!r}")
+    return dict(learning_rate=learning_rate, diag_reg=diag_reg, time=time, covariance=covariance, get=get)
+
+
+def _ensemble(nngp_tt, ntk_tt, y, t, nngp_st, ntk_st, nngp_ss, *, learning_rate, diag_reg, time, covariance, get):
+    """:func:`ensemble` on checked kernels (the analytic ones are PSD by construction) and checked options."""
     n_train = nngp_tt.shape[0]
     y = _validate.matrix("y", y, rows=n_train)
     times, scalar = _validate.times(t)
@@ -834,12 +840,8 @@ def predict(
     t,
     *,
     x_test: jax.Array | None = None,
-    learning_rate: float = 1.0,
-    diag_reg: float = 0.0,
-    time: str = "continuous",
-    covariance: bool = True,
-    get: str = "ntk",
     tile_size: int | None = None,
+    **ensemble_options,
 ) -> EnsemblePrediction:
     """Mean and covariance over initializations of an infinitely wide ``model`` trained by GD on MSE.
 
@@ -854,8 +856,11 @@ def predict(
       x: training inputs (N, ...); y: targets (N, K) (any K: the kernels are ``∝ I_K``).
       t: time in steps, scalar or 1-D; ``jnp.inf`` for the converged limit.
       x_test: optional test inputs (Nt, ...).
-      learning_rate, diag_reg, time, covariance, get: as in :func:`ensemble`.
       tile_size: as in :func:`kernels`.
+      **ensemble_options: every keyword of :func:`ensemble` but the kernels
+        (``learning_rate``, ``diag_reg``, ``time``, ``covariance``, ``get``),
+        same meaning and defaults, forwarded unchanged (an unknown keyword
+        raises TypeError before any kernel is computed).
 
     Returns:
       :class:`EnsemblePrediction`.
@@ -863,19 +868,16 @@ def predict(
     arch = architecture(model)
     x = _inputs("x", x, arch)
     y = _validate.matrix("y", y, rows=x.shape[0])
-    _validate.choice("get", get, GETS)
-    if not isinstance(covariance, (bool, np.bool_)):
-        raise TypeError(f"covariance: expected a bool, got {covariance!r}")
+    options = _ensemble_options(**ensemble_options)
     k_tt = kernels(arch, x, tile_size=tile_size)
     nngp_st = ntk_st = nngp_ss = None
     if x_test is not None:
         x_test = _inputs("x_test", x_test, arch)
         k_st = kernels(arch, x_test, x, tile_size=tile_size)
         nngp_st, ntk_st = k_st.nngp, k_st.ntk
-        if covariance:
+        if options["covariance"]:
             nngp_ss = kernels(arch, x_test, tile_size=tile_size).nngp
-    return _ensemble(k_tt.nngp, k_tt.ntk, y, t, nngp_st, ntk_st, nngp_ss, learning_rate=learning_rate,
-                     diag_reg=diag_reg, time=time, covariance=covariance, get=get)
+    return _ensemble(k_tt.nngp, k_tt.ntk, y, t, nngp_st, ntk_st, nngp_ss, **options)
 
 
 # --------------------------------------------------------------------------- #

@@ -132,6 +132,23 @@ class JacobianFit:
 # --------------------------------------------------------------------------- #
 
 
+def _probes(responses: Callable, params: Any, *, n_probes: int, key=None, seed: int | None = None,
+            distribution: str = "gaussian", keep_directions: bool = False, precision="highest") -> Probes:
+    """The :class:`Probes` of both builders, from ``responses(key, k, distribution, precision) -> (JΩ, ε)``.
+
+    Checks ``n_probes`` and ``distribution``, draws the key (``key`` or
+    ``seed``), and regenerates the directions from it when ``keep_directions``.
+    """
+    n_probes = check_n_probes(n_probes)
+    _validate.choice("distribution", distribution, DISTRIBUTIONS)
+    key = probe_key(key, seed)
+    values, step = responses(key, n_probes, distribution, normalize(precision))
+    directions = None
+    if keep_directions:
+        directions = probe_directions(params, n_probes, key=key, distribution=distribution)
+    return Probes(responses=values, directions=directions, step=step)
+
+
 def jvp_probes(
     apply_fn: Callable[[Any, jax.Array], jax.Array],
     params: Any,
@@ -154,22 +171,20 @@ def jvp_probes(
       :class:`Probes` with responses (k, N, K); ``directions`` (k, P) when
       ``keep_directions``.
     """
-    n_probes = check_n_probes(n_probes)
-    _validate.choice("distribution", distribution, DISTRIBUTIONS)
     probe_batch_size = check_probe_batch(probe_batch_size)
     model = as_model(apply_fn)
     x = _validate.batch("x", x)
     _validate.params_tree("params", params)
     output_shape(model, params, x)
-    key = probe_key(key, seed)
-    responses = jvp_responses(
-        model, params, x, key, n_probes=n_probes, distribution=distribution, probe_batch_size=probe_batch_size,
-        precision=normalize(precision),
-    )
-    directions = None
-    if keep_directions:
-        directions = probe_directions(params, n_probes, key=key, distribution=distribution)
-    return Probes(responses=responses, directions=directions, step=0.0)
+
+    def responses(key, n_probes, distribution, precision):
+        return jvp_responses(
+            model, params, x, key, n_probes=n_probes, distribution=distribution, probe_batch_size=probe_batch_size,
+            precision=precision,
+        ), 0.0
+
+    return _probes(responses, params, n_probes=n_probes, key=key, seed=seed, distribution=distribution,
+                   keep_directions=keep_directions, precision=precision)
 
 
 def default_step(params: Any) -> float:
@@ -207,17 +222,8 @@ def _shifted_pair(params, key, index, step, *, distribution):
 
 
 def blackbox_probes(
-    apply_fn: Callable[[Any, Any], Any],
-    params: Any,
-    x: jax.Array,
-    *,
-    n_probes: int,
-    key=None,
-    seed: int | None = None,
-    distribution: str = "gaussian",
-    step: float | None = None,
-    keep_directions: bool = False,
-    precision="highest",
+    apply_fn: Callable[[Any, Any], Any], params: Any, x: jax.Array, *, n_probes: int, step: float | None = None,
+    **probe_options,
 ) -> Probes:
     """Probe responses from forward evaluations only (central differences).
 
@@ -232,13 +238,16 @@ def blackbox_probes(
     ``precision``.
 
     Args:
+      n_probes: k, as in :func:`jvp_probes`.
       step: ε; default :func:`default_step`.
+      **probe_options: every other keyword of :func:`jvp_probes` but
+        ``probe_batch_size`` (``key``, ``seed``, ``distribution``,
+        ``keep_directions``, ``precision``), same meaning and defaults,
+        forwarded unchanged (an unknown keyword raises TypeError).
 
     Returns:
       :class:`Probes` (responses (k, N, K), ``step`` = ε).
     """
-    n_probes = check_n_probes(n_probes)
-    _validate.choice("distribution", distribution, DISTRIBUTIONS)
     if not callable(apply_fn):
         raise TypeError(f"apply_fn: expected a callable apply_fn(params, x), got {apply_fn!r}")
     _validate.params_tree("params", params)
@@ -247,21 +256,21 @@ def blackbox_probes(
         step = default_step(params)
     elif not (isinstance(step, (int, float, np.floating)) and math.isfinite(step) and step > 0):
         raise ValueError(f"step: expected a finite float > 0, got {step!r}")
-    key = probe_key(key, seed)
-    n_rows = x.shape[0]
-    rows = []
-    with jax.default_matmul_precision(normalize(precision)):
-        for i in range(n_probes):
-            plus, minus = _shifted_pair(params, key, i, step, distribution=distribution)
-            plus = _as_outputs(apply_fn(plus, x), n_rows)
-            minus = _as_outputs(apply_fn(minus, x), n_rows)
-            rows.append((plus - minus) / (2.0 * step))
-    responses = jnp.stack(rows)
-    _validate.finite("apply_fn output", responses)
-    directions = None
-    if keep_directions:
-        directions = probe_directions(params, n_probes, key=key, distribution=distribution)
-    return Probes(responses=responses, directions=directions, step=step)
+
+    def responses(key, n_probes, distribution, precision):
+        n_rows = x.shape[0]
+        rows = []
+        with jax.default_matmul_precision(precision):
+            for i in range(n_probes):
+                plus, minus = _shifted_pair(params, key, i, step, distribution=distribution)
+                plus = _as_outputs(apply_fn(plus, x), n_rows)
+                minus = _as_outputs(apply_fn(minus, x), n_rows)
+                rows.append((plus - minus) / (2.0 * step))
+        values = jnp.stack(rows)
+        _validate.finite("apply_fn output", values)
+        return values, step
+
+    return _probes(responses, params, n_probes=n_probes, **probe_options)
 
 
 # --------------------------------------------------------------------------- #
@@ -299,18 +308,8 @@ def sketched_ntk(
 
 
 def blackbox_ntk(
-    apply_fn: Callable[[Any, Any], Any],
-    params: Any,
-    x1: jax.Array,
-    x2: jax.Array | None = None,
-    *,
-    n_probes: int,
-    key=None,
-    seed: int | None = None,
-    distribution: str = "gaussian",
-    step: float | None = None,
-    trace_outputs: bool = False,
-    precision="highest",
+    apply_fn: Callable[[Any, Any], Any], params: Any, x1: jax.Array, x2: jax.Array | None = None, *, n_probes: int,
+    trace_outputs: bool = False, precision="highest", **probe_options,
 ) -> jax.Array:
     """NTK estimate from forward evaluations only: ``Θ̂ = (ΔF)(ΔF)ᵀ / k``.
 
@@ -320,18 +319,29 @@ def blackbox_ntk(
     same key the probes equal those of ``method="sketch"``, so the result
     agrees with :func:`sketched_ntk` up to the O(ε²) difference error.
 
+    Args:
+      n_probes: k; trace_outputs: the output-traced kernel; precision: matmul
+        precision of ``apply_fn``'s JAX code and of the kernel.
+      **probe_options: every other keyword of :func:`blackbox_probes` but
+        ``keep_directions`` (``step``, ``key``, ``seed``, ``distribution``),
+        same meaning and defaults, forwarded unchanged.
+
     Returns:
       (N1, N2, K, K), or (N1, N2) with ``trace_outputs``.
     """
     x1 = _validate.batch("x1", x1)
-    kw = dict(n_probes=n_probes, key=key, seed=seed, distribution=distribution, step=step, precision=precision)
+    inputs = x1
+    if x2 is not None:
+        x2 = _validate.batch("x2", x2)
+        if x2.shape[1:] != x1.shape[1:]:
+            raise ValueError(
+                f"x2: expected trailing shape {tuple(x1.shape[1:])} to match x1, got {tuple(x2.shape[1:])}"
+            )
+        inputs = jnp.concatenate([x1, x2.astype(x1.dtype)], axis=0)
+    probes = blackbox_probes(apply_fn, params, inputs, n_probes=n_probes, precision=precision, keep_directions=False,
+                             **probe_options)
     if x2 is None:
-        probes = blackbox_probes(apply_fn, params, x1, **kw)
         return kernel_from_probes(probes.responses, trace_outputs=trace_outputs, precision=precision)
-    x2 = _validate.batch("x2", x2)
-    if x2.shape[1:] != x1.shape[1:]:
-        raise ValueError(f"x2: expected trailing shape {tuple(x1.shape[1:])} to match x1, got {tuple(x2.shape[1:])}")
-    probes = blackbox_probes(apply_fn, params, jnp.concatenate([x1, x2.astype(x1.dtype)], axis=0), **kw)
     r, n1 = probes.responses, x1.shape[0]
     return kernel_from_probes(r[:, :n1], r[:, n1:], trace_outputs=trace_outputs, precision=precision)
 

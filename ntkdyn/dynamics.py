@@ -405,15 +405,9 @@ def parameter_space(
     t,
     *,
     k_train_train: jax.Array | None = None,
-    learning_rate: float = 1.0,
-    momentum: float = 0.0,
-    diag_reg: float = 0.0,
-    diag_reg_absolute: bool = False,
-    time: str = "continuous",
-    metric: jax.Array | None = None,
-    rcond: float | None = None,
     ntk_method: str = "auto",
     tile_size: int | str | None = "auto",
+    **options,
 ) -> Any:
     """Weights of the linearized network after time ``t`` (Eq. 8).
 
@@ -435,8 +429,13 @@ def parameter_space(
         exact full kernel is computed with ``ntk_method`` / ``tile_size``.
         With a traced kernel the weights use ``Θ ≈ Θ_tr ⊗ I_K`` (an approximation
         unless K = 1).
-      learning_rate, momentum, diag_reg, diag_reg_absolute, time, metric, rcond:
-        as in :func:`function_space`.
+      ntk_method, tile_size: how that kernel is computed
+        (:func:`ntkdyn.empirical_ntk`'s ``method`` and ``tile_size``).
+      **options: every keyword of :func:`function_space` but its test data
+        (``learning_rate``, ``momentum``, ``diag_reg``, ``diag_reg_absolute``,
+        ``time``, ``metric``, ``rcond``), same meaning and defaults, forwarded
+        unchanged to the solver (an unknown keyword raises TypeError;
+        ``k_test_train``/``fx_test_0`` too: the weights need no test data).
 
     Returns:
       A pytree like ``params0`` with a leading (T,) axis (none for scalar t).
@@ -445,16 +444,16 @@ def parameter_space(
 
     if not callable(apply_fn):
         raise TypeError(f"apply_fn: expected a callable apply_fn(params, x), got {apply_fn!r}")
+    for name in ("k_test_train", "fx_test_0"):
+        if name in options:
+            raise TypeError(f"{name}: parameter_space takes no test data (use function_space for test outputs)")
     x_train = _validate.batch("x_train", x_train)
     _validate.params_tree("params0", params0)
     _, scalar = _validate.times(t)
     fx0 = apply_fn(params0, x_train)
     if k_train_train is None:
         k_train_train = empirical_ntk(apply_fn, params0, x_train, method=ntk_method, tile_size=tile_size)
-    sol = solve(
-        k_train_train, y_train, fx0, t, learning_rate=learning_rate, momentum=momentum, diag_reg=diag_reg,
-        diag_reg_absolute=diag_reg_absolute, time=time, metric=metric, rcond=rcond,
-    )
+    sol = solve(k_train_train, y_train, fx0, t, **options)
     return _drop_time_axis(weights_from_alpha(apply_fn, params0, x_train, sol.alpha), scalar)
 
 

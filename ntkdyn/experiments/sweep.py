@@ -23,10 +23,15 @@ The results folder is safe to share:
   has the fields of this version (records of another schema stay in the file
   but are counted separately, never merged) and its metrics are well formed.
 
-Each line holds ``key``, the full ``config``, the library ``version``, the
-scalar ``metrics`` of :meth:`Comparison.summary`, short ``curves`` at the
-recorded steps, ``timings`` (seconds spent building data and model, JAX
-tracing + compilation, and running) and ``seconds``. Non-finite numbers (a
+Each line holds ``key``, the full ``config`` (with ``record_version``: a
+folder written by an earlier version is recomputed, never misread), the
+library ``version``, the scalar ``metrics`` of :meth:`Comparison.summary`
+plus the infinite-width ``inf_*`` metrics of
+:mod:`ntkdyn.experiments.infinite_gaps` (NaN where they do not apply, and
+``infinite_note`` says why), short ``curves`` at the recorded steps,
+``timings`` (seconds spent building data and model, JAX tracing +
+compilation, and running — the infinite-width comparison included, its
+share also in ``infinite_seconds``) and ``seconds``. Non-finite numbers (a
 diverging linearized model) are written as the strings ``"inf"``, ``"-inf"``,
 ``"nan"`` so every line is strict JSON.
 
@@ -77,6 +82,7 @@ __all__ = [
     "FAILURES_FILE",
     "LOCK_FILE",
     "CONFIG_FIELDS",
+    "RECORD_VERSION",
     "MODEL_FAMILIES",
     "ResultsWarning",
     "ResultsLocked",
@@ -131,7 +137,7 @@ def _tuple(name: str, values, kind) -> tuple:
 
 # every point's configuration has exactly these fields (their types: int, number, bool, str)
 _INT_FIELDS = ("n_train", "n_test", "data_seed", "in_features", "out_features", "width", "depth", "seed", "steps",
-               "num_records", "batch_size")
+               "num_records", "batch_size", "record_version")
 _NUMBER_FIELDS = ("sigma_w", "sigma_b", "learning_rate", "momentum")
 _BOOL_FIELDS = ("lr_relative",)
 _STR_FIELDS = ("dataset", "data_hash", "subset", "model", "model_hash", "activation", "parameterization", "optimizer",
@@ -140,6 +146,10 @@ _STR_FIELDS = ("dataset", "data_hash", "subset", "model", "model_hash", "activat
 _UNUSED_OPTIONS = {"depth": (2, 0), "activation": ("erf", ""), "parameterization": ("ntk", ""),
                    "sigma_w": (1.5, 0.0), "sigma_b": (0.05, 0.0)}
 CONFIG_FIELDS = frozenset(_INT_FIELDS + _NUMBER_FIELDS + _BOOL_FIELDS + _STR_FIELDS)
+# what a record of this version holds; part of every config (so of every key): a folder written by an
+# earlier version is recomputed, its lines kept and counted as another schema, never read as this one.
+# 2: the infinite-width metrics (inf_*, ntkdyn.experiments.infinite_gaps), infinite_note, infinite_seconds
+RECORD_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,6 +353,7 @@ class SweepGrid:
                 "optimizer": g.optimizer,
                 "batch_size": g.batch_size,
                 "loss": g.loss,
+                "record_version": RECORD_VERSION,
             }
             config.update({name: _UNUSED_OPTIONS[name][1] for name in unused})
             out.append(config)
@@ -747,9 +758,15 @@ def _compare_options(config: dict) -> dict:
     )
 
 
-def _record(config: dict, result, timings: dict[str, float], **extra) -> dict:
-    """The results line of one point from its :class:`~ntkdyn.experiments.compare.Comparison`."""
+def _record(config: dict, result, timings: dict[str, float], limit=None, **extra) -> dict:
+    """The results line of one point from its :class:`~ntkdyn.experiments.compare.Comparison`.
+
+    ``limit``: the point's :class:`~ntkdyn.experiments.infinite_gaps.InfiniteGaps`
+    (its ``inf_*`` metrics and curves, and ``infinite_note``).
+    """
     metrics = result.summary()
+    if limit is not None:
+        metrics.update(limit.summary())
     steps = np.asarray(result.steps)
     test, lt = result.test, result.lin_trained
     curves = {
@@ -775,6 +792,9 @@ def _record(config: dict, result, timings: dict[str, float], **extra) -> dict:
             "eq8_test_gap": None if test is None else test.eq8_gap,
             "weight_gap": result.weights.gap,
         })
+    if limit is not None:
+        curves.update(limit.curves())
+        extra["infinite_note"] = limit.note
     return {
         "key": point_key(config),
         "config": config,
@@ -801,8 +821,9 @@ def run_point(config: dict, data_cache: dict | None = None) -> dict:
     """
     from ntkdyn.experiments.compare import compare
 
+    cache = {} if data_cache is None else data_cache
     tic = time.perf_counter()
-    data = _dataset(config, {} if data_cache is None else data_cache)
+    data = _dataset(config, cache)
     model, params0 = _network(config, data)
     setup = time.perf_counter() - tic
     with _compile_clock() as compile_seconds, warnings.catch_warnings():
@@ -810,8 +831,35 @@ def run_point(config: dict, data_cache: dict | None = None) -> dict:
         result = compare(model, params0, data.x_train, data.y_train, x_test=data.x_test, y_test=data.y_test,
                          seed=config["seed"], **_compare_options(config))
         result.summary()  # waits for the device
+        (limit,), inf_seconds = _limits([(model, params0)], [result], data, cache)
     seconds, compiled = time.perf_counter() - tic, compile_seconds()
-    return _record(config, result, {"setup": setup, "compile": compiled, "run": seconds - setup - compiled})
+    return _record(config, result, {"setup": setup, "compile": compiled, "run": seconds - setup - compiled}, limit,
+                   infinite_seconds=inf_seconds)
+
+
+def _limits(members, results, data: Dataset, cache: dict) -> tuple[list, float]:
+    """Each comparison against the infinite-width limit (:mod:`ntkdyn.experiments.infinite_gaps`); seconds taken
+    (compilation included).
+
+    The analytic kernels (and the ensemble, for a shared η) are computed once
+    per architecture and data set and kept in ``cache``. These metrics are an
+    addition to the comparison: if they fail, the point keeps its record with
+    them NaN and the error in ``infinite_note``.
+    """
+    from ntkdyn.experiments.infinite_gaps import infinite_gaps, unavailable
+
+    tic = time.perf_counter()
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnstableLearningRateWarning)  # above the limit: inf gaps, as compare
+        for (model, params0), result in zip(members, results):
+            try:
+                limit = infinite_gaps(result, model, params0, data.x_train, data.y_train, x_test=data.x_test,
+                                      y_test=data.y_test, cache=cache)
+            except Exception as err:  # noqa: BLE001 - the comparison's record must not be lost to its addition
+                limit = unavailable(f"failed: {type(err).__name__}: {err}")
+            out.append(limit)
+    return out, time.perf_counter() - tic
 
 
 def _without_seed(config: dict) -> str:
@@ -850,8 +898,9 @@ def run_seed_group(configs: list[dict], data_cache: dict | None = None) -> list[
         raise ValueError("configs: expected points that differ only in their seed")
     if len(configs) == 1:
         return [run_point(configs[0], data_cache)]
+    cache = {} if data_cache is None else data_cache
     tic = time.perf_counter()
-    data = _dataset(configs[0], {} if data_cache is None else data_cache)
+    data = _dataset(configs[0], cache)
     members = [_network(c, data) for c in configs]
     setup = time.perf_counter() - tic
     with _compile_clock() as compile_seconds, warnings.catch_warnings():
@@ -860,10 +909,12 @@ def run_seed_group(configs: list[dict], data_cache: dict | None = None) -> list[
                                 seeds=[c["seed"] for c in configs], **_compare_options(configs[0]))
         for result in results:
             result.summary()  # waits for the device
+        limits, inf_seconds = _limits(members, results, data, cache)
     seconds, compiled = time.perf_counter() - tic, compile_seconds()
     size = len(configs)
     timings = {"setup": setup / size, "compile": compiled / size, "run": (seconds - setup - compiled) / size}
-    return [_record(c, r, dict(timings), seed_batch=size) for c, r in zip(configs, results)]
+    return [_record(c, r, dict(timings), limit, seed_batch=size, infinite_seconds=inf_seconds / size)
+            for c, r, limit in zip(configs, results, limits)]
 
 
 def run_points_batched(

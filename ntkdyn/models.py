@@ -300,6 +300,16 @@ class NTKConv(_ScaledLayer):
 # --------------------------------------------------------------------------- #
 
 
+def _layer_options(*, activation="erf", parameterization="ntk", sigma_w=1.5, sigma_b=0.05, rngs=None, dtype=None):
+    """``(activation, keywords of every NTKDense/NTKConv)`` of a builder network (defaults: :class:`MLP`'s).
+
+    Checks ``activation``; ``rngs`` defaults to ``nnx.Rngs(0)``.
+    """
+    _validate.choice("activation", activation, ACTIVATIONS)
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    return activation, dict(parameterization=parameterization, sigma_w=sigma_w, sigma_b=sigma_b, rngs=rngs, dtype=dtype)
+
+
 class MLP(nnx.Module):
     """Fully connected network: ``depth`` hidden layers of ``width`` units.
 
@@ -321,16 +331,16 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs | None = None,
         dtype=None,
     ):
-        _validate.choice("activation", activation, ACTIVATIONS)
+        self.activation, kw = _layer_options(
+            activation=activation, parameterization=parameterization, sigma_w=sigma_w, sigma_b=sigma_b, rngs=rngs,
+            dtype=dtype,
+        )
         if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
             raise ValueError(f"width: expected an integer >= 1, got {width!r}")
         if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 0:
             raise ValueError(f"depth: expected an integer >= 0, got {depth!r}")
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.activation = activation
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.width, self.depth = int(width), int(depth)
-        kw = dict(parameterization=parameterization, sigma_w=sigma_w, sigma_b=sigma_b, rngs=rngs, dtype=dtype)
         sizes = [in_features] + [width] * depth
         self.hidden = nnx.List([NTKDense(a, b, **kw) for a, b in zip(sizes[:-1], sizes[1:])])
         self.readout = NTKDense(sizes[-1], out_features, **kw)
@@ -368,16 +378,16 @@ class CNN(nnx.Module):
         rngs: nnx.Rngs | None = None,
         dtype=None,
     ):
-        _validate.choice("activation", activation, ACTIVATIONS)
+        self.activation, kw = _layer_options(
+            activation=activation, parameterization=parameterization, sigma_w=sigma_w, sigma_b=sigma_b, rngs=rngs,
+            dtype=dtype,
+        )
         _validate.choice("readout", readout, READOUTS)
         if len(input_shape) != 3:
             raise ValueError(f"input_shape: expected (H, W, C), got {tuple(input_shape)}")
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.activation = activation
         self.input_shape = tuple(int(d) for d in input_shape)
         self.out_features = int(out_features)
         self.readout_kind = readout
-        kw = dict(parameterization=parameterization, sigma_w=sigma_w, sigma_b=sigma_b, rngs=rngs, dtype=dtype)
         convs = []
         c_in = input_shape[2]
         for c_out in channels:

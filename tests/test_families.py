@@ -6,6 +6,7 @@ re-imports the family from results.jsonl alone; a seed group's records equal one
 (float64, round-off); a changed source is a new key and an old config is refused.
 """
 
+import inspect
 import json
 import textwrap
 
@@ -134,6 +135,18 @@ def test_residual_block_is_pre_layernorm_with_scaled_branches():
     for ln, inner, outer in zip(net.norms, net.inner, net.outer):
         h = h + 0.5 * outer(jax.scipy.special.erf(inner(ln(h))))
     np.testing.assert_allclose(net(x), net.readout(net.final_norm(h)), rtol=1e-12)
+
+
+def test_residual_mlp_takes_the_mlp_options_with_their_defaults():
+    defaults = inspect.signature(models.MLP.__init__).parameters
+    net = families.ResidualMLP(3, 1, width=4, depth=1)
+    layer = net.readout
+    assert net.activation == defaults["activation"].default
+    assert (layer.parameterization, layer.sigma_w, layer.sigma_b) == tuple(
+        defaults[name].default for name in ("parameterization", "sigma_w", "sigma_b")
+    )
+    with pytest.raises(TypeError, match="channels"):
+        families.ResidualMLP(3, 1, channels=(4,))
 
 
 # --------------------------------------------------------------------------- #

@@ -98,28 +98,20 @@ class ResidualMLP(nnx.Module):
     parameterization, ``σ_w``, ``σ_b``); ``LN`` is ``nnx.LayerNorm`` with a
     learned scale (init 1) and bias (init 0), ε = 1e-6. The 1/√depth branch
     scale keeps the residual stream's variance O(1) in depth.
+
+    ``width`` (≥ 1) and ``depth`` (≥ 1 blocks) are its own; ``mlp_options`` are
+    every other keyword of :class:`ntkdyn.models.MLP` (``activation``,
+    ``parameterization``, ``sigma_w``, ``sigma_b``, ``rngs``, ``dtype``), with
+    the same meaning and defaults (an unknown keyword raises TypeError).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int = 1,
-        *,
-        width: int = 256,
-        depth: int = 2,
-        activation: str = "erf",
-        parameterization: str = "ntk",
-        sigma_w: float = 1.5,
-        sigma_b: float | None = 0.05,
-        rngs: nnx.Rngs | None = None,
-        dtype=None,
-    ):
-        _validate.choice("activation", activation, models.ACTIVATIONS)
+    def __init__(self, in_features: int, out_features: int = 1, *, width: int = 256, depth: int = 2, **mlp_options):
+        activation, kw = models._layer_options(**mlp_options)
         width = _validate.count("width", width, 1)
         depth = _validate.count("depth", depth, 1)
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
-        kw = dict(parameterization=parameterization, sigma_w=sigma_w, sigma_b=sigma_b, rngs=rngs, dtype=dtype)
+        rngs = kw["rngs"]
+        dtype = jnp.dtype(kw["dtype"]) if kw["dtype"] is not None else jnp.result_type(float)
+        kw["dtype"] = dtype
 
         def norm():
             return nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, param_dtype=dtype, rngs=rngs)

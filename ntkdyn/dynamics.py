@@ -28,6 +28,7 @@ the symmetric ``S = P Θ P = V diag(λ) Vᵀ``:
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -444,9 +445,11 @@ def parameter_space(
 
     if not callable(apply_fn):
         raise TypeError(f"apply_fn: expected a callable apply_fn(params, x), got {apply_fn!r}")
-    for name in ("k_test_train", "fx_test_0"):
-        if name in options:
+    for name in options:  # before any kernel is computed
+        if name in ("k_test_train", "fx_test_0"):
             raise TypeError(f"{name}: parameter_space takes no test data (use function_space for test outputs)")
+        if name not in _SOLVER_OPTIONS:
+            raise TypeError(f"parameter_space() got an unexpected keyword argument {name!r}")
     x_train = _validate.batch("x_train", x_train)
     _validate.params_tree("params0", params0)
     _, scalar = _validate.times(t)
@@ -455,6 +458,12 @@ def parameter_space(
         k_train_train = empirical_ntk(apply_fn, params0, x_train, method=ntk_method, tile_size=tile_size)
     sol = solve(k_train_train, y_train, fx0, t, **options)
     return _drop_time_axis(weights_from_alpha(apply_fn, params0, x_train, sol.alpha), scalar)
+
+
+# the keywords parameter_space forwards: function_space's keyword-only solver options
+_SOLVER_OPTIONS = frozenset(
+    name for name, p in inspect.signature(function_space).parameters.items() if p.kind is p.KEYWORD_ONLY
+)
 
 
 def max_learning_rate(

@@ -205,3 +205,17 @@ def test_infinite_time_at_exactly_the_limit_is_nan(momentum):
     assert abs(top[0]) > 0.5 and abs(abs(top[0]) - abs(top[1])) < 1e-6 * abs(top[0])
     assert np.sign(top[0]) != np.sign(top[1])
     assert np.isnan(top[2])
+
+
+def test_parameter_space_rejects_unknown_and_test_keywords_before_any_kernel(problem, monkeypatch):
+    import ntkdyn.kernels as kernels
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the kernel was computed before the keywords were checked")
+
+    monkeypatch.setattr(kernels, "empirical_ntk", no_kernel)
+    args = (linear_apply, problem["params"], problem["x"], problem["y"], 1.0)
+    with pytest.raises(TypeError, match="learning_rat"):
+        ntkdyn.parameter_space(*args, learning_rat=0.1)
+    with pytest.raises(TypeError, match="^k_test_train: parameter_space takes no test data"):
+        ntkdyn.parameter_space(*args, k_test_train=np.zeros((2, 6)))

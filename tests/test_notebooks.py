@@ -62,6 +62,7 @@ def test_notebooks_exist():
         "03_sample_count_hypothesis.ipynb",
         "04_infinite_time_singular_kernels.ipynb",
         "05_linear_regression_closed_form.ipynb",
+        "06_infinite_width.ipynb",
     ):
         assert required in names, f"missing notebook {required}"
 

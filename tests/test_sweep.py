@@ -89,6 +89,7 @@ def test_sweep_resumes_skips_finished_and_repairs_a_torn_line(tmp_path):
     rec = lines[0]
     assert rec["version"] == ntkdyn.__version__ and rec["config"]["width"] == 4
     assert {"test_gap", "kernel_drift", "lin_consistency", "weight_gap"} <= set(rec["metrics"])
+    assert np.isfinite(rec["metrics"]["inf_kernel_error"]) and rec["infinite_note"] == ""  # vs the ∞-width limit
     assert set(rec["timings"]) == {"setup", "compile", "run"}
     assert rec["timings"]["compile"] > 0 and abs(sum(rec["timings"].values()) - rec["seconds"]) < 1e-6
 

@@ -3,14 +3,18 @@
 * ``summary.csv`` — one row per point: its configuration and every metric.
 * ``slopes.csv`` — for every series (all settings but width and seed fixed) and
   metric, the least-squares slope of ``log(metric)`` against ``log(width)``
-  fitted per seed, then its mean, standard deviation, min and max over seeds.
+  fitted per seed, then its mean, standard deviation, min and max over seeds,
+  and the slope of the mean over seeds.
   Points whose linearized model diverged (infinite gaps) are left out of fits.
 * PNG figures (matplotlib's Agg canvas; no global backend is touched):
   ``discrepancy_vs_width*.png`` (log-log, fitted slopes in the legend),
   ``breakdown*.png`` (width × N heat map of the test discrepancy),
   ``training_curves.png`` (real vs predicted loss), and
   ``learning_rate.png`` when the sweep has several learning rates (final
-  losses and discrepancy against ``η / η_max``, ``η_max = 2(1+β)n/λ_max``).
+  losses and discrepancy against ``η / η_max``, ``η_max = 2(1+β)n/λ_max``),
+  ``infinite_width*.png`` where points hold the infinite-width metrics
+  (:mod:`ntkdyn.experiments.infinite_gaps`: the three test gaps real vs eNTK,
+  eNTK vs ∞, real vs ∞ and the kernel error against width).
 * ``report.md`` embedding them.
 
 The files are rendered into a temporary folder inside ``out`` and then moved

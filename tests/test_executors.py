@@ -1,11 +1,12 @@
 """Sweep points on worker processes, Ray and submitit: the same records as in process, each point once.
 
 The engines run for real on this machine (2 worker processes, a local Ray
-instance of 2 CPUs, submitit's local executor). The workers share a
-persistent JAX compilation cache (a temporary folder, set through the
-environment they inherit): only a speed-up, the first worker to meet a shape
-still compiles it. The driver (this process) is not affected: its JAX read
-the environment before the fixture ran.
+instance, submitit's local executor). Kept fast: every grid here
+has one shape (one width, other seeds), so a worker compiles one program,
+and the workers share a persistent JAX compilation cache (a temporary
+folder, set through the environment they inherit), so only the first worker
+to meet that shape compiles it and the others load it. The driver (this
+process) is not affected: its JAX read the environment before the fixture ran.
 """
 
 import contextlib
@@ -27,12 +28,16 @@ from ntkdyn.experiments.sweep import FAILURES_FILE, RESULTS_FILE, SweepGrid, loa
 
 ROOT = Path(__file__).resolve().parents[1]
 # float64 (the suite runs with x64): a worker without the driver's x64 would compute in float32 and miss rtol=1e-9
-GRID = SweepGrid(widths=(8, 16), samples=(4,), seeds=(0, 1), steps=5, n_test=4, num_records=3, depths=(1,),
+GRID = SweepGrid(widths=(8,), samples=(4,), seeds=(0, 1, 2), steps=5, n_test=4, num_records=3, depths=(1,),
                  dtype="float64")
+TOTAL = len(GRID.widths) * len(GRID.seeds)  # no GRID.points() here: workers import this file without x64
+# one point per task (submitit-local would send the three seeds as one task by default: nothing to kill between);
+# Ray and submitit-local with one worker at a time, so a kill always finds a point running; submitit-local first:
+# its one job compiles the program into the shared cache, the later workers load it
 ENGINES = {
+    "submitit-local": Executor("submitit-local", workers=1, seed_batch=1),
+    "ray": Executor("ray", workers=1),
     "processes": Executor("local", workers=2),
-    "ray": Executor("ray", workers=2),
-    "submitit-local": Executor("submitit-local", workers=2),
 }
 
 
@@ -53,7 +58,7 @@ def worker_compilation_cache(tmp_path_factory):
 def reference(tmp_path_factory):
     """The grid run in process: {key: record}."""
     outcome = sweep(GRID, tmp_path_factory.mktemp("in-process"))
-    assert outcome.ran == 4 and outcome.failed == []
+    assert outcome.ran == TOTAL and outcome.failed == []
     return {r["key"]: r for r in outcome.records}
 
 
@@ -82,9 +87,10 @@ def assert_same_records(records, reference):
 
 def cli_args(out: Path, executor: Executor) -> list[str]:
     """The command line of GRID (same configurations, same keys) on ``executor``."""
-    return ["--widths", "8", "16", "--samples", "4", "--seeds", "0", "1", "--steps", "5", "--n-test", "4",
+    return ["--widths", "8", "--samples", "4", "--seeds", "0", "1", "2", "--steps", "5", "--n-test", "4",
             "--records", "3", "--depth", "1", "--x64", "--quiet", "--no-report", "--out", str(out),
-            "--executor", executor.kind, "--workers", str(executor.workers)]
+            "--executor", executor.kind, "--workers", str(executor.workers),
+            "--seed-batch", str(executor.resolve().seed_batch)]
 
 
 def start_and_kill(out: Path, executor: Executor) -> int:
@@ -118,12 +124,12 @@ def test_engine_resumes_a_killed_sweep_with_the_in_process_records_each_point_on
     executor = ENGINES[engine]
     out = tmp_path / engine
     done_before = start_and_kill(out, executor)
-    assert 1 <= done_before < 4
+    assert 1 <= done_before < TOTAL
 
     tic = time.perf_counter()
     rerun = sweep(GRID, out, executor=executor)
     wall = time.perf_counter() - tic
-    assert (rerun.total, rerun.skipped, rerun.ran, rerun.failed) == (4, done_before, 4 - done_before, [])
+    assert (rerun.total, rerun.skipped, rerun.ran, rerun.failed) == (TOTAL, done_before, TOTAL - done_before, [])
     keys = keys_in_file(out / RESULTS_FILE)
     assert sorted(keys) == sorted(reference) and len(set(keys)) == len(keys)
     assert_same_records(rerun.records, reference)
@@ -132,7 +138,7 @@ def test_engine_resumes_a_killed_sweep_with_the_in_process_records_each_point_on
     print(f"{engine}: {wall:.1f} s for the last {rerun.ran} points")  # -s shows it
 
     again = sweep(GRID, out, executor=executor)  # nothing left: no worker is started
-    assert (again.ran, again.skipped) == (0, 4)
+    assert (again.ran, again.skipped) == (0, TOTAL)
 
 
 # --------------------------------------------------------------------------- #
@@ -140,29 +146,29 @@ def test_engine_resumes_a_killed_sweep_with_the_in_process_records_each_point_on
 # --------------------------------------------------------------------------- #
 
 
-PAIR = SweepGrid(widths=(8, 16), samples=(4,), seeds=(0,), steps=5, n_test=4, num_records=3, depths=(1,),
+PAIR = SweepGrid(widths=(8,), samples=(4,), seeds=(0, 1), steps=5, n_test=4, num_records=3, depths=(1,),
                  dtype="float64")
 
 
 def test_a_point_that_raises_on_a_worker_is_recorded_failed_and_retried(tmp_path, monkeypatch, capsys):
-    """The worker receives a broken configuration for one point (as if its code raised there)."""
+    """The worker receives a task of two points, one of them broken (as if its code raised there)."""
     victim = PAIR.points()[1]
     make_task = executors._task
 
-    def broken_task(config, key, options, kind):
-        task = make_task(config, key, options, kind)
-        if key == point_key(victim):
-            task["config"] = {**config, "activation": "no-such-activation"}
-        return task
+    def broken_task(configs, keys, options, kind):
+        broken = [{**c, "activation": "no-such-activation"} if k == point_key(victim) else c
+                  for c, k in zip(configs, keys)]
+        return make_task(broken, keys, options, kind)
 
     monkeypatch.setattr(executors, "_task", broken_task)
     out = tmp_path / "failing"
-    args = ["--widths", "8", "16", "--samples", "4", "--seeds", "0", "--steps", "5", "--n-test", "4",
-            "--records", "3", "--depth", "1", "--x64", "--quiet", "--no-report", "--out", str(out), "--workers", "2"]
+    args = ["--widths", "8", "--samples", "4", "--seeds", "0", "1", "--steps", "5", "--n-test", "4",
+            "--records", "3", "--depth", "1", "--x64", "--quiet", "--no-report", "--out", str(out), "--workers", "2",
+            "--seed-batch", "2"]  # both points in one task: each still gets its own record or error
     assert main(["sweep", *args]) == 1
     captured = capsys.readouterr()
     assert "ran 1, skipped 0 already finished, failed 1" in captured.out
-    assert "width=16 N=4 seed=0" in captured.err and "failures.jsonl" in captured.err
+    assert "width=8 N=4 seed=1" in captured.err and "failures.jsonl" in captured.err
     assert keys_in_file(out / RESULTS_FILE) == [point_key(PAIR.points()[0])]
     (failure,) = [json.loads(line) for line in (out / FAILURES_FILE).read_text().splitlines()]
     assert failure["key"] == point_key(victim) and failure["config"] == victim
@@ -181,9 +187,9 @@ def test_a_point_that_raises_on_a_worker_is_recorded_failed_and_retried(tmp_path
 _run_task = executors.run_task
 
 
-def die_on_width_16(task):
-    """A worker whose process dies (as when killed by the OOM killer) on the width-16 points."""
-    if task["config"]["width"] == 16:
+def die_on_seed_1(task):
+    """A worker whose process dies (as when killed by the OOM killer) on the seed-1 points."""
+    if any(c["seed"] == 1 for c in task["configs"]):
         os._exit(3)
     return _run_task(task)
 
@@ -191,19 +197,59 @@ def die_on_width_16(task):
 def test_a_worker_that_dies_fails_its_point_and_the_sweep_goes_on(tmp_path, monkeypatch):
     """submitit-local: one job per point, so only the point whose job died fails (retried next time, as above)."""
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    monkeypatch.setattr(executors, "run_task", die_on_width_16)
+    monkeypatch.setattr(executors, "run_task", die_on_seed_1)
     out = tmp_path / "dying"
-    first = sweep(PAIR, out, executor=ENGINES["submitit-local"])
-    assert first.ran == 1 and [c["width"] for c, _ in first.failed] == [16]
+    first = sweep(PAIR, out, executor=Executor("submitit-local", workers=2, seed_batch=1))
+    assert first.ran == 1 and [c["seed"] for c, _ in first.failed] == [1]
     (error,) = [e for _, e in first.failed]
     assert "did not return" in error and "logs:" in error
     (failure,) = [json.loads(line) for line in (out / FAILURES_FILE).read_text().splitlines()]
-    assert failure["config"]["width"] == 16 and failure["traceback"]
+    assert failure["config"]["seed"] == 1 and failure["traceback"]
     assert keys_in_file(out / RESULTS_FILE) == [point_key(PAIR.points()[0])]
     # the finished job's files are gone, the dead job's logs stay for inspection
     jobs = out / "submitit"
     assert not list(jobs.rglob("*_result.pkl")) and len(list(jobs.rglob("*_log.err"))) == 1
 
+
+
+# --------------------------------------------------------------------------- #
+# seed groups: one task each, every point still its own outcome
+# --------------------------------------------------------------------------- #
+
+
+def test_seed_groups_are_one_task_and_every_point_comes_back_once(monkeypatch):
+    """In process, without computing: groups of seed_batch, a failing group rerun point by point."""
+    from ntkdyn.experiments import sweep as sweep_module
+
+    configs = SweepGrid(widths=(8, 16), samples=(4,), seeds=(0, 1, 2), steps=5, n_test=4, num_records=3,
+                        depths=(1,), dtype="float64").points()  # seeds vary slowest: 0/8, 0/16, 1/8, 1/16, ...
+    groups, singles = [], []
+
+    def group(batch, data_cache=None):
+        groups.append([(c["width"], c["seed"]) for c in batch])
+        if batch[0]["width"] == 16:
+            raise RuntimeError("this group cannot be batched")
+        return [{"key": point_key(c), "config": c, "seed_batch": len(batch)} for c in batch]
+
+    def one(config, data_cache=None):
+        singles.append((config["width"], config["seed"]))
+        if config["seed"] == 2:
+            raise ValueError("seed 2 fails")
+        return {"key": point_key(config), "config": config}
+
+    monkeypatch.setattr(sweep_module, "run_seed_group", group)
+    monkeypatch.setattr(sweep_module, "run_point", one)
+    results = list(executors.run_points(configs, Executor(seed_batch=2)))
+    assert groups == [[(8, 0), (8, 1)], [(16, 0), (16, 1)]]  # the third seed of each width is a group of one
+    assert singles == [(8, 2), (16, 0), (16, 1), (16, 2)]
+    assert [(r.config["width"], r.config["seed"]) for r in results] == [(8, 0), (8, 1), (8, 2), (16, 0), (16, 1),
+                                                                      (16, 2)]
+    assert [r.ok for r in results] == [True, True, False, True, True, False]
+    assert results[0].record["seed_batch"] == 2 and "seed 2 fails" in results[2].error
+    assert {r.worker["executor"] for r in results} == {"local"} and results[2].traceback.startswith("Traceback")
+    # one point per call (the in-process default): the grid's order, no group
+    groups.clear(), singles.clear()
+    assert [r.config for r in executors.run_points(configs, Executor())] == configs and groups == []
 
 
 # --------------------------------------------------------------------------- #
@@ -238,6 +284,8 @@ def test_a_missing_extra_is_named_before_any_work(tmp_path, monkeypatch, capsys,
         (dict(kind="submitit-local", partition="gpu"), "partition"),
         (dict(kind="slurm", partition=" "), "partition"),
         (dict(kind="slurm", setup="module load x"), "setup"),
+        (dict(seed_batch=0), "seed_batch"),
+        (dict(kind="ray", seed_batch=1.5), "seed_batch"),
     ],
 )
 def test_bad_executor_options_name_the_argument(kwargs, match):
@@ -247,7 +295,8 @@ def test_bad_executor_options_name_the_argument(kwargs, match):
 
 def test_cli_names_its_own_options(tmp_path, capsys):
     for option, flag in ((["--workers", "0"], "--workers"), (["--worker-threads", "2"], "--worker-threads"),
-                         (["--address", "auto"], "--address"), (["--slurm-partition", "p"], "--slurm-partition")):
+                         (["--address", "auto"], "--address"), (["--slurm-partition", "p"], "--slurm-partition"),
+                         (["--seed-batch", "0"], "--seed-batch")):
         assert main(["sweep", "--widths", "8", "--out", str(tmp_path / "x"), *option]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"ntkdyn sweep: error: {flag}:") and "\n" not in err
@@ -265,6 +314,9 @@ def test_defaults_do_not_oversubscribe_the_cores():
     ray_there = Executor("ray", address="auto").resolve()
     assert ray_there.workers is None and ray_there.threads == 1
     assert Executor().resolve().in_process and Executor("local", workers=1).resolve().in_process
+    # seed groups by default only where every task is a fresh process that compiles its own program
+    assert [Executor(kind).resolve().seed_batch for kind in ("local", "ray", "submitit-local")] == [1, 1, 4]
+    assert Executor(workers=2, seed_batch=8).resolve().seed_batch == 8
     # every worker gets its own group of cores while there are enough
     slots = executors._slots(list(range(8)), 4, 2)
     assert slots == [[0, 1], [2, 3], [4, 5], [6, 7]]
@@ -281,7 +333,8 @@ def test_slurm_needs_its_commands_and_gets_the_job_options(tmp_path, monkeypatch
         (tmp_path / command).chmod(0o755)
     ex = Executor("slurm", workers=32, threads=4, time_min=120, partition="cpu", account="lab", qos="normal",
                   mem_gb=8, gpus=1, setup=("source venv/bin/activate",)).resolve()
-    assert ex.describe() == "slurm (a job array on partition cpu, 32 points at a time, 4 threads each)"
+    assert ex.describe() == ("slurm (a job array on partition cpu, 32 tasks at a time, 4 threads each, up to 4 seeds "
+                             "per call)")
     params = executors._submitit_executor(ex, tmp_path / "jobs")._executor.parameters  # what sbatch will get
     assert params == {"job_name": "ntkdyn-sweep", "time": 120, "cpus_per_task": 4, "partition": "cpu",
                       "account": "lab", "qos": "normal", "mem": "8GB", "gpus_per_node": 1, "array_parallelism": 32,
@@ -304,6 +357,9 @@ def test_describe_says_where_the_points_run():
     assert Executor("local", workers=2, threads=1).describe() == "local (worker processes, 2 points at a time, 1 thread each)"
     assert Executor("ray", address="auto", threads=2).describe() == (
         "ray (the cluster at auto, as many points at a time as it schedules, 2 threads each)")
+    assert Executor(seed_batch=4).describe() == "local (in process, up to 4 seeds per call)"
+    assert Executor("submitit-local", workers=2, threads=1).describe() == (
+        "submitit-local (submitit local jobs, 2 tasks at a time, 1 thread each, up to 4 seeds per call)")
 
 
 def test_worker_environment_sets_threads_and_keeps_user_xla_flags():

@@ -315,3 +315,21 @@ def test_user_cnn_family_on_npz_images_with_adam_falls_with_width_and_report_rer
     md = (out / "report.md").read_text()
     assert "lin_trained_test_gap" in md and "adam has no closed form" in md
     assert (out / "discrepancy_vs_width.png").stat().st_size > 0
+
+
+def test_seed_members_are_checked_before_anything_is_compiled():
+    from ntkdyn.experiments.compare import compare_seeds
+
+    x, y = jnp.ones((4, 3)), jnp.zeros((4, 1))
+    members = [plain_family(5, seed=s, input_shape=(3,), out_features=1) for s in range(3)]
+    kw = dict(steps=2, learning_rate=0.1)
+    bad = [members[0], members[1], (plain_apply, {**members[2][1], "w2": members[2][1]["w2"] * np.nan})]
+    with pytest.raises(ValueError, match=r"^members\[2\]: expected finite values"):
+        compare_seeds(bad, x, y, **kw)
+    other_dtype = [members[0], (plain_apply, jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), members[1][1]))]
+    with pytest.raises(ValueError, match=r"^members: .* share one architecture .*members\[1\] differs"):
+        compare_seeds(other_dtype, x, y, **kw)
+    with pytest.raises(ValueError, match=r"^seeds\[1\]"):
+        compare_seeds(members[:2], x, y, seeds=[0, -1], **kw)
+    with pytest.raises(ValueError, match="^seeds: expected one seed per member"):
+        compare_seeds(members, x, y, seeds=[0], **kw)

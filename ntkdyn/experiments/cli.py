@@ -91,6 +91,10 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
                         "Ray: usable cores / --worker-threads; Slurm: the job array's parallelism)")
     g.add_argument("--worker-threads", type=int, default=None,
                    help="CPU threads per worker (local processes: cores / workers; Ray, Slurm: 1 = cpus-per-task)")
+    g.add_argument("--seed-batch", type=int, default=None,
+                   help="the most points differing only in their seed that run as one vmapped call, one task (1 = "
+                        "one by one; default 4 for slurm and submitit-local, where every task is a fresh process "
+                        "compiling its own program, else 1)")
     g.add_argument("--address", default=None, help="an existing Ray cluster (auto, host:6379, ray://host:10001)")
     g.add_argument("--jobs-folder", default=None, help="submitit's pickles and logs (default OUT/submitit)")
     g.add_argument("--slurm-time", type=int, default=60, help="job time limit in minutes (also the local job timeout)")
@@ -107,7 +111,7 @@ def _executor_args(p: argparse.ArgumentParser) -> None:
 _EXECUTOR_FLAGS = {"executor": "--executor", "workers": "--workers", "threads": "--worker-threads",
                    "address": "--address", "time_min": "--slurm-time", "partition": "--slurm-partition",
                    "account": "--slurm-account", "qos": "--slurm-qos", "mem_gb": "--slurm-mem",
-                   "gpus": "--slurm-gpus", "setup": "--slurm-setup"}
+                   "gpus": "--slurm-gpus", "setup": "--slurm-setup", "seed_batch": "--seed-batch"}
 
 
 def _executor(args) -> Executor:
@@ -116,7 +120,7 @@ def _executor(args) -> Executor:
             kind=args.executor, workers=args.workers, threads=args.worker_threads, address=args.address,
             folder=args.jobs_folder, time_min=args.slurm_time, partition=args.slurm_partition,
             account=args.slurm_account, qos=args.slurm_qos, mem_gb=args.slurm_mem, gpus=args.slurm_gpus,
-            setup=tuple(args.slurm_setup),
+            setup=tuple(args.slurm_setup), seed_batch=args.seed_batch,
         ).resolve()
     except (ValueError, TypeError) as err:
         name, sep, rest = str(err).partition(": ")

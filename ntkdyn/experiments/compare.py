@@ -528,9 +528,15 @@ _SEED_AXES = (0, 0, None, None, None, None, None, None, 0, None, None)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _compare_many(*arrays, **static) -> Comparison:
-    """:func:`_compare_impl` vmapped over stacked models, initial parameters and minibatch keys: one program."""
-    return jax.vmap(functools.partial(_compare_impl, **static), in_axes=_SEED_AXES)(*arrays)
+def _compare_many(*arrays, **static) -> list[Comparison]:
+    """:func:`_compare_impl` vmapped over stacked models, initial parameters and minibatch keys: one program.
+
+    Returns one :class:`Comparison` per member (sliced inside the program, so
+    the caller gets them without one dispatch per leaf and member).
+    """
+    batched = jax.vmap(functools.partial(_compare_impl, **static), in_axes=_SEED_AXES)(*arrays)
+    size = jax.tree_util.tree_leaves(arrays[1])[0].shape[0]
+    return [jax.tree_util.tree_map(lambda a, i=i: a[i], batched) for i in range(size)]
 
 
 # --------------------------------------------------------------------------- #
@@ -739,9 +745,16 @@ def compare_seeds(
       seeds: the minibatch seed of each member (default 0 for all).
       **options: every keyword argument of :func:`compare` except ``seed``.
 
+    Every check of :func:`compare` runs on the first member and the shared
+    data; each further member is checked for its own values (finite
+    parameters, a seed >= 0) and its architecture, all before anything is
+    compiled. The host work (checks, dispatch, results) is done once for the
+    S members, not S times.
+
     Raises:
       ValueError naming ``members`` when they cannot be stacked (another
-      graph or parameter shape), and everything :func:`compare` raises.
+      graph, parameter shape or dtype), ``members[i]`` / ``seeds[i]`` for a
+      member's bad values, and everything :func:`compare` raises.
     """
     members = list(members)
     if not members:
@@ -761,24 +774,45 @@ def compare_seeds(
     options.setdefault("time", "discrete")
     options.setdefault("momentum", 0.0)
     options.setdefault("batch_size", None)
-    prepared = [
-        _prepare(as_model(f), p, x_train, y_train, seed=s, optimizer=statics["optimizer"], loss=statics["loss"],
-                 **options)
-        for (f, p), s in zip(members, seeds)
-    ]
-    arrays, inputs, beta, recorded = prepared[0]
-    try:
-        stacked = [jax.tree_util.tree_map(lambda *a: jnp.stack(a), *column) for column in
-                   zip(*[(a[0], a[1], a[8]) for a, *_ in prepared])]
-    except (ValueError, TypeError) as err:
-        raise ValueError(
-            f"members: the initializations must share one architecture (graph and parameter shapes) to be "
-            f"batched: {err}"
-        ) from None
-    batched_arrays = (stacked[0], stacked[1], *arrays[2:8], stacked[2], *arrays[9:])
+    # every check of compare() on the first member and the shared data; the others only need their own values
+    (f0, p0), s0 = members[0], seeds[0]
+    arrays, inputs, beta, recorded = _prepare(as_model(f0), p0, x_train, y_train, seed=s0,
+                                              optimizer=statics["optimizer"], loss=statics["loss"], **options)
+    model, params, key = _stack_members(members, seeds, arrays[0], arrays[1], arrays[8])
+    batched_arrays = (model, params, *arrays[2:8], key, *arrays[9:])
     result = _compare_many(*batched_arrays, **_static(inputs, recorded, beta, time=time, **statics))
-    out = []
-    for i in range(len(members)):
-        one = jax.tree_util.tree_map(lambda a, i=i: a[i], result)
-        out.append(_finish(one, recorded, lr_relative=lr_relative, time=time))
-    return out
+    return [_finish(one, recorded, lr_relative=lr_relative, time=time) for one in result]
+
+
+def _signature(tree) -> tuple:
+    """Structure, shapes and dtypes of a pytree (what must match to stack members)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((np.shape(a), a.dtype if hasattr(a, "dtype") else np.result_type(a)) for a in leaves)
+
+
+def _stack_members(members, seeds, model0, params0, key0):
+    """``(models, θ₀s, keys)`` stacked on a leading member axis, after each further member's own checks.
+
+    The first member went through :func:`_prepare`; every other must have its
+    graph, parameter shapes and dtypes (so its output shape and dtype too),
+    finite parameters and a seed >= 0.
+    """
+    models, params, keys = [model0], [params0], [key0]
+    reference = (_signature(model0), _signature(params0))
+    for i, ((f, p), s) in enumerate(zip(members[1:], seeds[1:]), 1):
+        model = as_model(f)
+        _validate.params_tree(f"members[{i}]", p)
+        if (_signature(model), _signature(p)) != reference:
+            raise ValueError(
+                f"members: the initializations must share one architecture (graph, parameter shapes and dtypes) "
+                f"to be batched; members[{i}] differs from members[0]"
+            )
+        models.append(model)
+        params.append(p)
+        keys.append(jax.random.key(_validate.count(f"seeds[{i}]", s, 0)))
+    return _stack(models, params, keys)
+
+
+def _stack(models, params, keys):
+    """The members' trees stacked leaf by leaf on a new leading axis."""
+    return tuple(jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees) for trees in (models, params, keys))

@@ -9,24 +9,42 @@ points. An :class:`Executor` says where they run:
 ====================  =========================================================
 ``kind``              the points run ...
 ====================  =========================================================
-``"local"``           in the driver, one after another (``workers=1``, the
-                      default), or in ``workers`` local processes
+``"local"``           in the driver, one seed group after another
+                      (``workers=1``, the default), or in ``workers``
+                      local processes
                       (``concurrent.futures.ProcessPoolExecutor``, ``spawn``
                       start method: JAX is not fork-safe)
 ``"ray"``             as Ray tasks: on the cluster at ``address``, or on a Ray
                       instance started on this machine for the sweep
-``"slurm"``           as one Slurm job array, one array task per point
-                      (submitit), at most ``workers`` at a time
+``"slurm"``           as one Slurm job array (submitit), one array task per
+                      point (or seed group), at most ``workers`` at a time
 ``"submitit-local"``  the same submitit code path with submitit's local
-                      executor: one local job (process) per point,
-                      ``workers`` at a time; runs without Slurm
+                      executor: one local job (process) per point (or seed
+                      group), ``workers`` at a time; runs without Slurm
 ====================  =========================================================
 
-Every worker runs :func:`run_task`: it receives one configuration plus the
-driver's JAX options (``jax_enable_x64`` and the other numerics-changing
-flags, :data:`SHIPPED_JAX_OPTIONS`) and thread settings, runs
-:func:`ntkdyn.experiments.sweep.run_point` and returns the record or the
-error with a traceback summary (a failing point never ends the sweep).
+Every worker runs :func:`run_task`: it receives one task — the points of
+one seed group, see below — plus the driver's JAX options
+(``jax_enable_x64`` and the other numerics-changing flags,
+:data:`SHIPPED_JAX_OPTIONS`) and thread settings, runs them and returns each
+point's record or its error with a traceback summary (a failing point never
+ends the sweep).
+
+Seeds in one call. Points that differ only in their seed form groups of at
+most ``seed_batch`` (:func:`ntkdyn.experiments.sweep.seed_groups`); a group
+is one task, run as one compiled, vmapped call
+(:func:`ntkdyn.experiments.sweep.run_seed_group`: one compilation, one
+dispatch and one set of eager checks for all its seeds), and point by point
+when it cannot be batched (another graph per seed) or fails. It pays where
+every point would otherwise compile its own program: ``"slurm"`` and
+``"submitit-local"`` start a fresh process per task, so there the default
+is 4 seeds per task. In one process (in process, a local worker, a Ray
+worker) the seeds of a shape already share one compiled program, and the
+batched program compiles about 1.6× slower than a point's while a seed's
+arithmetic costs the same batched or not on a CPU, so the default there is
+1 (benchmarks/README.md, seed batching, has the measurements). A group's
+records reach the driver together: an interrupted sweep loses the group
+that was running.
 
 Threads. Each worker gets ``threads`` CPU threads: ``OMP_NUM_THREADS``,
 ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS`` are set to ``threads`` and,
@@ -92,6 +110,8 @@ SHIPPED_JAX_OPTIONS = (
     "jax_disable_jit",
     "jax_compilation_cache_dir",
 )
+# the default seed group size where every task is a fresh process (Slurm, submitit-local); 1 elsewhere
+FRESH_PROCESS_SEED_BATCH = 4
 _EXTRA = {"ray": "ray", "slurm": "submitit", "submitit-local": "submitit"}
 _TRACEBACK_LINES = 30  # a failure keeps the last lines of its traceback
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -137,6 +157,10 @@ class Executor:
       gpus: GPUs per job (Slurm ``--gpus-per-node``).
       setup: shell lines run before each Slurm job (``module load …``,
         ``source venv/bin/activate``).
+      seed_batch: the most points that differ only in their seed run as one
+        vmapped call (one task); 1 runs every point on its own. Default: 4
+        for ``"slurm"`` and ``"submitit-local"`` (a fresh process per task),
+        1 otherwise (see the module docstring).
     """
 
     kind: str = "local"
@@ -151,6 +175,7 @@ class Executor:
     mem_gb: float | None = None
     gpus: int = 0
     setup: tuple[str, ...] = ()
+    seed_batch: int | None = None
 
     def resolve(self) -> "Executor":
         """Check every field and fill in the defaults; raises ValueError/TypeError, or MissingExtra.
@@ -163,6 +188,7 @@ class Executor:
         threads = None if self.threads is None else _validate.count("threads", self.threads)
         time_min = _validate.count("time_min", self.time_min)
         gpus = _validate.count("gpus", self.gpus, minimum=0)
+        seed_batch = None if self.seed_batch is None else _validate.count("seed_batch", self.seed_batch)
         mem_gb = self.mem_gb
         if mem_gb is not None:
             mem_gb = float(_validate.positive_scalar("mem_gb", mem_gb))
@@ -203,8 +229,10 @@ class Executor:
                 threads = threads or max(1, cores // workers)
         else:  # an existing Ray cluster, Slurm
             threads = threads or 1
+        if seed_batch is None:
+            seed_batch = FRESH_PROCESS_SEED_BATCH if kind in ("slurm", "submitit-local") else 1
         return dataclasses.replace(self, kind=kind, workers=workers, threads=threads, time_min=time_min,
-                                   gpus=gpus, mem_gb=mem_gb, setup=tuple(self.setup))
+                                   gpus=gpus, mem_gb=mem_gb, setup=tuple(self.setup), seed_batch=seed_batch)
 
     @property
     def in_process(self) -> bool:
@@ -213,14 +241,17 @@ class Executor:
     def describe(self) -> str:
         """One line for the command line, e.g. ``"ray (a local instance, 2 points at a time, 1 thread each)"``."""
         ex = self.resolve()
+        seeds = f", up to {ex.seed_batch} seeds per call" if ex.seed_batch > 1 else ""
         if ex.in_process:
-            return "local (in process)"
+            return f"local (in process{seeds})"
         threads = f"{ex.threads} thread{'s' if ex.threads != 1 else ''} each"
-        at_once = "as many points at a time as it schedules" if ex.workers is None else f"{ex.workers} points at a time"
+        unit = "tasks" if ex.seed_batch > 1 else "points"
+        at_once = (f"as many {unit} at a time as it schedules" if ex.workers is None
+                   else f"{ex.workers} {unit} at a time")
         where = {"local": "worker processes", "submitit-local": "submitit local jobs",
                  "ray": f"the cluster at {ex.address}" if ex.address else "a local instance",
                  "slurm": "a job array" + (f" on partition {ex.partition}" if ex.partition else "")}[ex.kind]
-        return f"{ex.kind} ({where}, {at_once}, {threads})"
+        return f"{ex.kind} ({where}, {at_once}, {threads}{seeds})"
 
 
 def _require(module: str, kind: str):
@@ -306,9 +337,10 @@ def _worker_info(kind: str) -> dict:
 
 
 def _traceback_summary(err: BaseException) -> str:
+    """The traceback's first line and its last :data:`_TRACEBACK_LINES` lines (the innermost frames, the error)."""
     lines = "".join(traceback.format_exception(err)).splitlines()
-    if len(lines) > _TRACEBACK_LINES:
-        lines = [f"... ({len(lines) - _TRACEBACK_LINES} lines above)"] + lines[-_TRACEBACK_LINES:]
+    if len(lines) > _TRACEBACK_LINES + 1:
+        lines = [lines[0], f"  ... ({len(lines) - _TRACEBACK_LINES - 1} lines left out)"] + lines[-_TRACEBACK_LINES:]
     return "\n".join(lines)
 
 
@@ -317,34 +349,52 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def run_task(task: dict) -> dict:
-    """Run one point on a worker: configure the process, run it, never raise for the point's own errors.
+def run_task(task: dict) -> list[dict]:
+    """Run one task on a worker: configure the process, run its points, never raise for the points' own errors.
 
-    ``task``: ``config`` (the point), ``key`` (its key, as the driver computed
-    it), ``jax`` (JAX options), ``env`` (thread variables), ``cores`` (CPU
-    cores to pin to, or None), ``executor`` (its kind); see :func:`_task`.
-    Returns ``{"key", "record", "error", "traceback", "worker"}``: the record
-    as plain JSON-ready Python values and ``error = None``, or ``record =
-    None`` and the error with the last lines of its traceback. A top-level
-    function, so every engine can pickle it by reference.
+    ``task``: ``configs`` (the points: one, or a seed group), ``keys`` (their
+    keys, as the driver computed them), ``jax`` (JAX options), ``env`` (thread
+    variables), ``cores`` (CPU cores to pin to, or None), ``executor`` (its
+    kind); see :func:`_task`. Returns one ``{"key", "record", "error",
+    "traceback", "worker"}`` per point, in the task's order: the record as
+    plain JSON-ready Python values and ``error = None``, or ``record = None``
+    and the error with the last lines of its traceback. A top-level function,
+    so every engine can pickle it by reference.
     """
-    from ntkdyn.experiments.sweep import _encode, point_key, run_point
+    from ntkdyn.experiments.sweep import _encode
 
     worker = _worker_info(task.get("executor", "?"))
-    config = task["config"]
-    key = task.get("key") or point_key(config)
     try:
         _configure_worker(task)
         import jax
 
-        if config.get("dtype") == "float64" and not jax.config.jax_enable_x64:  # would silently run in float32
-            raise RuntimeError("dtype: a float64 point on a worker without jax_enable_x64")
-        record = _encode(run_point(config))
-    except Exception as err:  # noqa: BLE001 - the point failed; the sweep goes on
-        return {"key": key, "record": None, "error": _error_text(err), "traceback": _traceback_summary(err),
-                "worker": worker}
-    record["worker"] = worker
-    return {"key": key, "record": record, "error": None, "traceback": None, "worker": worker}
+        if any(c.get("dtype") == "float64" for c in task["configs"]) and not jax.config.jax_enable_x64:
+            raise RuntimeError("dtype: a float64 point on a worker without jax_enable_x64")  # would run in float32
+    except Exception as err:  # noqa: BLE001 - every point of the task failed; the sweep goes on
+        return [_failed(key, err, worker) for key in task["keys"]]
+    return [dict(outcome, record=None if outcome["record"] is None else _encode(outcome["record"]))
+            for outcome in _run_group(task["configs"], task["keys"], worker, {})]
+
+
+def _failed(key: str, err: BaseException, worker: dict) -> dict:
+    return {"key": key, "record": None, "error": _error_text(err), "traceback": _traceback_summary(err),
+            "worker": worker}
+
+
+def _run_group(configs: list[dict], keys: list[str], worker: dict, data_cache: dict) -> Iterator[dict]:
+    """The outcomes of a task's points (a seed group runs as one call, or one by one when it cannot), in order."""
+    from ntkdyn.experiments.sweep import run_points_batched
+
+    done = {}
+    for config, record, err in run_points_batched(configs, data_cache, max_seeds=len(configs)):
+        done[id(config)] = (record, err)
+    for config, key in zip(configs, keys):
+        record, err = done[id(config)]
+        if record is None:
+            yield _failed(key, err, worker)
+        else:
+            record["worker"] = worker
+            yield {"key": key, "record": record, "error": None, "traceback": None, "worker": worker}
 
 
 def _init_process(slots, env: dict[str, str], driver: int) -> None:
@@ -422,31 +472,22 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _task(config: dict, key: str, options: dict[str, Any], kind: str) -> dict:
-    """What a worker receives for one point (:func:`run_task`); plain Python values, picklable everywhere."""
-    return {"config": config, "key": key, "jax": options, "env": {}, "cores": None, "executor": kind}
+def _task(configs: list[dict], keys: list[str], options: dict[str, Any], kind: str) -> dict:
+    """What a worker receives for one task (:func:`run_task`); plain Python values, picklable everywhere."""
+    return {"configs": configs, "keys": keys, "jax": options, "env": {}, "cores": None, "executor": kind}
 
 
-def _lost(task: dict, err: BaseException, kind: str, what: str) -> dict:
-    """The outcome of a point whose worker did not return (crashed, killed, timed out, cancelled)."""
-    return {"key": task["key"], "record": None, "error": f"{what}: {_error_text(err)}",
-            "traceback": _traceback_summary(err), "worker": {"executor": kind}}
+def _lost(task: dict, err: BaseException, kind: str, what: str) -> list[dict]:
+    """The outcomes of a task whose worker did not return (crashed, killed, timed out, cancelled)."""
+    return [{"key": key, "record": None, "error": f"{what}: {_error_text(err)}",
+             "traceback": _traceback_summary(err), "worker": {"executor": kind}} for key in task["keys"]]
 
 
 def _in_process(ex: Executor, tasks: list[dict]) -> Iterator[dict]:
-    from ntkdyn.experiments.sweep import run_point
-
     data_cache: dict = {}  # the points of one sweep share their data sets
     worker = _worker_info("local")
     for task in tasks:
-        try:
-            record = run_point(task["config"], data_cache)
-        except Exception as err:  # noqa: BLE001 - one bad point must not end the sweep
-            yield {"key": task["key"], "record": None, "error": _error_text(err),
-                   "traceback": _traceback_summary(err), "worker": worker}
-        else:
-            record["worker"] = worker
-            yield {"key": task["key"], "record": record, "error": None, "traceback": None, "worker": worker}
+        yield from _run_group(task["configs"], task["keys"], worker, data_cache)
 
 
 def _processes(ex: Executor, tasks: list[dict]) -> Iterator[dict]:
@@ -464,10 +505,10 @@ def _processes(ex: Executor, tasks: list[dict]) -> Iterator[dict]:
         try:
             for future in cf.as_completed(submitted):
                 try:
-                    outcome = future.result()
+                    outcomes = future.result()
                 except Exception as err:  # noqa: BLE001 - the worker process died (killed, out of memory)
-                    outcome = _lost(submitted[future], err, "local", "the worker process died before returning")
-                yield outcome
+                    outcomes = _lost(submitted[future], err, "local", "the worker process died before returning")
+                yield from outcomes
         finally:
             _stop_pool(pool, submitted)
             slots.close()
@@ -524,11 +565,11 @@ def _ray(ex: Executor, tasks: list[dict]) -> Iterator[dict]:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             task = pending.pop(ref)
             try:
-                outcome = ray.get(ref)
+                outcomes = ray.get(ref)
             except Exception as err:  # noqa: BLE001 - worker or node died, task cancelled
-                outcome = _lost(task, err, "ray", "the Ray task did not return")
+                outcomes = _lost(task, err, "ray", "the Ray task did not return")
             submit()
-            yield outcome
+            yield from outcomes
     finally:
         for ref in pending:
             with contextlib.suppress(Exception):
@@ -586,14 +627,14 @@ def _submitit(ex: Executor, tasks: list[dict], folder: Path) -> Iterator[dict]:
                 task, slot = pending.pop(job)
                 free.append(slot)
                 try:
-                    outcome = job.result()
+                    outcomes = job.result()
                 except Exception as err:  # noqa: BLE001 - job killed, timed out, node failure
-                    outcome = _lost(task, err, ex.kind, f"the submitit job {job.job_id} did not return "
-                                                        f"(logs: {job.paths.stderr})")
+                    outcomes = _lost(task, err, ex.kind, f"the submitit job {job.job_id} did not return "
+                                                         f"(logs: {job.paths.stderr})")
                 else:
                     _remove_job_files(job)
                 submit()
-                yield outcome
+                yield from outcomes
     finally:
         for job in pending:
             with contextlib.suppress(Exception):
@@ -625,8 +666,10 @@ def run_points(configs: Iterable[dict], executor: Executor | str | None = None, 
                out: str | os.PathLike | None = None) -> Iterator[PointResult]:
     """Run every configuration with ``executor``; yield a :class:`PointResult` per point as it finishes.
 
-    Order: the configurations' order in process, finishing order elsewhere.
-    Every configuration comes back exactly once (recorded or failed), unless
+    Points that differ only in their seed run together, at most
+    ``executor.seed_batch`` at a time (module docstring). Order: in process,
+    the configurations' order with each seed group at the place of its first
+    point; finishing order elsewhere. Every configuration comes back exactly once (recorded or failed), unless
     the caller stops early; closing the generator (Ctrl-C, an error in the
     caller) cancels the points still queued or running and stops what the
     executor started (worker processes, a local Ray instance, submitit jobs).
@@ -641,7 +684,7 @@ def run_points(configs: Iterable[dict], executor: Executor | str | None = None, 
       out: the results folder; submitit's default job folder is ``<out>/submitit``.
     """
     from ntkdyn._version import __version__
-    from ntkdyn.experiments.sweep import _decode, _encode, point_key
+    from ntkdyn.experiments.sweep import _decode, _encode, point_key, seed_groups
 
     ex = resolve_executor(executor)
     configs = list(configs)
@@ -649,7 +692,8 @@ def run_points(configs: Iterable[dict], executor: Executor | str | None = None, 
         return
     by_key = {point_key(c): c for c in configs}
     options = _jax_options(configs)
-    tasks = [_task(config, key, options, ex.kind) for key, config in by_key.items()]
+    groups = [[c] for c in by_key.values()] if ex.seed_batch == 1 else seed_groups(by_key.values(), ex.seed_batch)
+    tasks = [_task(group, [point_key(c) for c in group], options, ex.kind) for group in groups]
     if ex.in_process:
         engine = _in_process(ex, tasks)
     elif ex.kind == "local":

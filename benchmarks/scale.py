@@ -19,6 +19,8 @@ Each (case, solver) runs in a fresh worker process and reports:
   :func:`ntkdyn.krylov.prediction_program`) first, on its own, so that
   ``total_s − compile_s`` is the computation alone (eigh: not separated);
 * ``peak_gib``: the worker's peak resident memory (``VmHWM``), everything included;
+* ``cpu_s``: the worker's CPU time (user + system, whole process): on a shared
+  machine the wall time grows with the load, this does not;
 * ``iterations`` and the largest ``error_estimate`` over the times;
 * true errors against a reference, per time then the worst one:
   ``err_train = ‖f_t(X) − f_ref‖ / ‖f₀(X) − Y‖`` (what ``est_out`` estimates) and
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -123,7 +126,9 @@ def worker(case: str, solver: str, out: str) -> None:
     np.savez(out, fx_train=np.asarray(pred.fx_train, np.float64), fx_test=np.asarray(pred.fx_test, np.float64),
              fx_train_0=np.asarray(pred.fx_train_0, np.float64), fx_test_0=np.asarray(pred.fx_test_0, np.float64),
              y=np.asarray(y, np.float64))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     row = dict(case=case, solver=solver, n=n, k=k, total_s=total, compile_s=compile_s, peak_gib=peak_gib(),
+               cpu_s=usage.ru_utime + usage.ru_stime,
                iterations=None if pred.iterations is None else int(pred.iterations),
                estimate=None if pred.error_estimate is None else float(np.max(pred.error_estimate)),
                estimates=None if pred.error_estimate is None else [float(e) for e in pred.error_estimate],
@@ -156,7 +161,8 @@ def run_case(case: str, tmp: str) -> list[dict]:
         row = json.loads(lines[-1][4:])
         row["file"] = out
         rows[solver] = row
-        print(f"  {case} {solver}: {row['total_s']:.1f} s, peak {row['peak_gib']:.2f} GiB, "
+        print(f"  {case} {solver}: {row['total_s']:.1f} s (cpu {row['cpu_s']:.0f} s, load {row['load']:.1f}), "
+              f"peak {row['peak_gib']:.2f} GiB, "
               f"iterations {row['iterations']}, estimate {row['estimate']}", flush=True)
     for solver, refs in REFERENCES.items():
         row = rows.get(solver)
@@ -187,13 +193,14 @@ def table(rows: list[dict]) -> str:
     ``true/est`` is ``max_t max(err_train(t), err_test(t)) / estimate(t)``: above 1 the estimate was
     optimistic at some time (the target is at most 10).
     """
-    head = ("| case | solver | total s | compile s | peak GiB | iterations | estimate (max over t) | reference | "
+    head = ("| case | solver | total s | cpu s | compile s | peak GiB | iterations | estimate (max over t) | reference | "
             "err train | err test | true/est | err train vs eigh (f32) |")
-    lines = [head, "| " + " | ".join(["---"] * 12) + " |"]
+    lines = [head, "| " + " | ".join(["---"] * 13) + " |"]
     for r in rows:
         what = f"N={r['n']:,}, K={r['k']}"
         lines.append(
-            f"| {what} | {r['solver']} | {fmt(r['total_s'], '.1f')} | {fmt(r['compile_s'], '.1f')} | "
+            f"| {what} | {r['solver']} | {fmt(r['total_s'], '.1f')} | {fmt(r['cpu_s'], '.0f')} | "
+            f"{fmt(r['compile_s'], '.1f')} | "
             f"{fmt(r['peak_gib'], '.2f')} | {fmt(r['iterations'], 'd') if r['iterations'] else '–'} | "
             f"{fmt(r['estimate'])} | {r.get('reference', '–')} | {fmt(r.get('err_train'))} | "
             f"{fmt(r.get('err_test'))} | {fmt(r.get('shortfall'))} | {fmt(r.get('err_train_vs_eigh'))} |"

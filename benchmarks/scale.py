@@ -193,8 +193,8 @@ def table(rows: list[dict]) -> str:
     ``true/est`` is ``max_t max(err_train(t), err_test(t)) / estimate(t)``: above 1 the estimate was
     optimistic at some time (the target is at most 10).
     """
-    head = ("| case | solver | total s | cpu s | compile s | peak GiB | iterations | estimate (max over t) | reference | "
-            "err train | err test | true/est | err train vs eigh (f32) |")
+    head = ("| case | solver | total s | cpu s | compile s | peak GiB | iterations | estimate (max over t) | "
+            "reference | err train | err test | true/est | err train vs eigh (f32) |")
     lines = [head, "| " + " | ".join(["---"] * 13) + " |"]
     for r in rows:
         what = f"N={r['n']:,}, K={r['k']}"

@@ -2,7 +2,7 @@
 
 One direction of flow, each module importing only those before it::
 
-    data, families ─► train ─► compare ─► sweep ─► report ─► cli
+    data, families ─► train ─► compare ─► infinite_gaps ─► sweep ─► report ─► cli
 
 * :mod:`~ntkdyn.experiments.data`: small local data sets and your own ``.npz``
   (:class:`Dataset`).
@@ -16,6 +16,9 @@ One direction of flow, each module importing only those before it::
   against the linearized network trained the same way, as one jitted pure
   function returning a metrics pytree (``compare.compare``, several seeds in
   one vmapped call: ``compare.compare_seeds``; :class:`Comparison`).
+* :mod:`~ntkdyn.experiments.infinite_gaps`: a point against the
+  infinite-width limit (kernel error at θ₀, the Θ_∞ prediction's gaps to the
+  eNTK prediction and to the real network, ±2σ band coverage).
 * :mod:`~ntkdyn.experiments.sweep`: resumable, locked grids of comparisons
   (``sweep.sweep``, :class:`SweepGrid`), the only writer of ``results.jsonl``.
 * :mod:`~ntkdyn.experiments.executors`: where a sweep's points run (in process,
@@ -30,7 +33,7 @@ shadows a module. matplotlib, tqdm and scikit-learn are imported only inside
 the functions that draw, show progress or read the digits.
 """
 
-from ntkdyn.experiments import compare, data, executors, families, report, sweep, train
+from ntkdyn.experiments import compare, data, executors, families, infinite_gaps, report, sweep, train
 from ntkdyn.experiments.compare import Comparison
 from ntkdyn.experiments.data import Dataset, load_dataset
 from ntkdyn.experiments.report import write_report
@@ -42,6 +45,7 @@ __all__ = [
     "families",
     "train",
     "compare",
+    "infinite_gaps",
     "sweep",
     "executors",
     "report",

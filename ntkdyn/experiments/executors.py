@@ -40,7 +40,7 @@ every point would otherwise compile its own program: ``"slurm"`` and
 ``"submitit-local"`` start a fresh process per task, so there the default
 is 4 seeds per task. In one process (in process, a local worker, a Ray
 worker) the seeds of a shape already share one compiled program, and the
-batched program compiles about 1.6× slower than a point's while a seed's
+batched program compiles 1.4–1.6× slower than a point's while a seed's
 arithmetic costs the same batched or not on a CPU, so the default there is
 1 (benchmarks/README.md, seed batching, has the measurements). A group's
 records reach the driver together: an interrupted sweep loses the group

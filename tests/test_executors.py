@@ -32,12 +32,13 @@ GRID = SweepGrid(widths=(8,), samples=(4,), seeds=(0, 1, 2), steps=5, n_test=4, 
                  dtype="float64")
 TOTAL = len(GRID.widths) * len(GRID.seeds)  # no GRID.points() here: workers import this file without x64
 # one point per task (submitit-local would send the three seeds as one task by default: nothing to kill between);
-# Ray and submitit-local with one worker at a time, so a kill always finds a point running; submitit-local first:
-# its one job compiles the program into the shared cache, the later workers load it
+# Ray and submitit-local with one worker at a time, so a kill always finds a point running. One thread each: the
+# same XLA flags everywhere, so the program the first job (submitit-local) compiles into the shared cache is the
+# one every later worker loads
 ENGINES = {
-    "submitit-local": Executor("submitit-local", workers=1, seed_batch=1),
-    "ray": Executor("ray", workers=1),
-    "processes": Executor("local", workers=2),
+    "submitit-local": Executor("submitit-local", workers=1, threads=1, seed_batch=1),
+    "ray": Executor("ray", workers=1, threads=1),
+    "processes": Executor("local", workers=2, threads=1),
 }
 
 
@@ -89,7 +90,7 @@ def cli_args(out: Path, executor: Executor) -> list[str]:
     """The command line of GRID (same configurations, same keys) on ``executor``."""
     return ["--widths", "8", "--samples", "4", "--seeds", "0", "1", "2", "--steps", "5", "--n-test", "4",
             "--records", "3", "--depth", "1", "--x64", "--quiet", "--no-report", "--out", str(out),
-            "--executor", executor.kind, "--workers", str(executor.workers),
+            "--executor", executor.kind, "--workers", str(executor.workers), "--worker-threads", str(executor.threads),
             "--seed-batch", str(executor.resolve().seed_batch)]
 
 
@@ -164,6 +165,7 @@ def test_a_point_that_raises_on_a_worker_is_recorded_failed_and_retried(tmp_path
     out = tmp_path / "failing"
     args = ["--widths", "8", "--samples", "4", "--seeds", "0", "1", "--steps", "5", "--n-test", "4",
             "--records", "3", "--depth", "1", "--x64", "--quiet", "--no-report", "--out", str(out), "--workers", "2",
+            "--worker-threads", "1",
             "--seed-batch", "2"]  # both points in one task: each still gets its own record or error
     assert main(["sweep", *args]) == 1
     captured = capsys.readouterr()
@@ -199,7 +201,7 @@ def test_a_worker_that_dies_fails_its_point_and_the_sweep_goes_on(tmp_path, monk
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setattr(executors, "run_task", die_on_seed_1)
     out = tmp_path / "dying"
-    first = sweep(PAIR, out, executor=Executor("submitit-local", workers=2, seed_batch=1))
+    first = sweep(PAIR, out, executor=Executor("submitit-local", workers=2, threads=1, seed_batch=1))
     assert first.ran == 1 and [c["seed"] for c, _ in first.failed] == [1]
     (error,) = [e for _, e in first.failed]
     assert "did not return" in error and "logs:" in error

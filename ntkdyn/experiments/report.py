@@ -272,6 +272,27 @@ def _geo_stats(vals: list[np.ndarray]):
     return np.array(centre), np.array(lo), np.array(hi)
 
 
+def _draw_vs_width(ax, recs, slopes, n: int, metric: str, label: str, color, marker: str = "o",
+                   alpha: float = 1.0) -> None:
+    """One metric at one N against width: geometric mean over seeds with min–max bars, the log-log
+    fit as a dashed line, and the per-seed slope (mean ± std) in the legend label."""
+    widths, vals = _by_width(recs, n, metric)
+    centre, lo, hi = _geo_stats(vals)
+    ok = np.isfinite(centre)
+    if not ok.any():
+        return
+    slope = next((s for s in slopes if s["n_train"] == n and s["metric"] == metric), None)
+    if slope is not None and np.isfinite(slope["slope_mean"]):
+        label += f": slope {slope['slope_mean']:.2f} ± {slope['slope_std']:.2f}"
+    # geometric means can land a rounding error outside [min, max]
+    yerr = np.maximum([centre[ok] - lo[ok], hi[ok] - centre[ok]], 0.0)
+    ax.errorbar(widths[ok], centre[ok], yerr=yerr, fmt=marker, color=color, capsize=3, label=label, alpha=alpha)
+    if ok.sum() >= 2:
+        coef = np.polyfit(np.log(widths[ok]), np.log(centre[ok]), 1)
+        xs = np.geomspace(widths[ok].min(), widths[ok].max(), 20)
+        ax.plot(xs, np.exp(np.polyval(coef, np.log(xs))), "--", color=color, lw=1)
+
+
 def _plot_vs_width(recs: list[dict], slopes: list[dict], path: Path, title: str) -> None:
     metrics = ("test_gap", "train_gap", "kernel_drift", "lin_trained_test_gap", "lin_trained_train_gap", "weight_gap")
     fig = _figure(15, 8)
@@ -280,23 +301,7 @@ def _plot_vs_width(recs: list[dict], slopes: list[dict], path: Path, title: str)
     for i, metric in enumerate(metrics):
         ax = fig.add_subplot(2, 3, i + 1)
         for n, color in zip(samples, colors):
-            widths, vals = _by_width(recs, n, metric)
-            centre, lo, hi = _geo_stats(vals)
-            ok = np.isfinite(centre)
-            if not ok.any():
-                continue
-            slope = next((s for s in slopes if s["n_train"] == n and s["metric"] == metric), None)
-            label = f"N={n}"
-            if slope is not None and np.isfinite(slope["slope_mean"]):
-                label += f": slope {slope['slope_mean']:.2f} ± {slope['slope_std']:.2f}"
-            # geometric means can land a rounding error outside [min, max]
-            yerr = np.maximum([centre[ok] - lo[ok], hi[ok] - centre[ok]], 0.0)
-            ax.errorbar(widths[ok], centre[ok], yerr=yerr,
-                        fmt="o", color=color, capsize=3, label=label)
-            if ok.sum() >= 2:
-                coef = np.polyfit(np.log(widths[ok]), np.log(centre[ok]), 1)
-                xs = np.geomspace(widths[ok].min(), widths[ok].max(), 20)
-                ax.plot(xs, np.exp(np.polyval(coef, np.log(xs))), "--", color=color, lw=1)
+            _draw_vs_width(ax, recs, slopes, n, metric, f"N={n}", color)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("width")
@@ -325,20 +330,7 @@ def _plot_infinite(recs: list[dict], slopes: list[dict], path: Path, title: str)
     fig = _figure(4.6 * (len(samples) + 1), 4.4)
 
     def draw(ax, n, metric, label, color, marker="o"):
-        widths, vals = _by_width(recs, n, metric)
-        centre, lo, hi = _geo_stats(vals)
-        ok = np.isfinite(centre)
-        if not ok.any():
-            return
-        slope = next((s for s in slopes if s["n_train"] == n and s["metric"] == metric), None)
-        if slope is not None and np.isfinite(slope["slope_mean"]):
-            label += f": slope {slope['slope_mean']:.2f} ± {slope['slope_std']:.2f}"
-        yerr = np.maximum([centre[ok] - lo[ok], hi[ok] - centre[ok]], 0.0)
-        ax.errorbar(widths[ok], centre[ok], yerr=yerr, fmt=marker, color=color, capsize=3, label=label, alpha=0.85)
-        if ok.sum() >= 2:
-            coef = np.polyfit(np.log(widths[ok]), np.log(centre[ok]), 1)
-            xs = np.geomspace(widths[ok].min(), widths[ok].max(), 20)
-            ax.plot(xs, np.exp(np.polyval(coef, np.log(xs))), "--", color=color, lw=1)
+        _draw_vs_width(ax, recs, slopes, n, metric, label, color, marker=marker, alpha=0.85)
 
     axes = [fig.add_subplot(1, len(samples) + 1, i + 1) for i in range(len(samples) + 1)]
     for ax, n in zip(axes, samples):

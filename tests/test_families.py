@@ -292,12 +292,14 @@ def test_user_cnn_family_on_npz_images_with_adam_falls_with_width_and_report_rer
     family.write_text(CNN_FAMILY)
     data = images_npz(tmp_path / "digits.npz")
     out = tmp_path / "res"
-    argv = ["sweep", "--model", f"{family}:family", "--data", str(data), "--widths", "2", "8", "32",
+    # widths up to 16, not the docs' 32: the suite compiles without LLVM optimization, where width 32's
+    # convolutions alone take ~25 s; the gap falls 0.38 -> 0.20 -> 0.064 over these three
+    argv = ["sweep", "--model", f"{family}:family", "--data", str(data), "--widths", "2", "5", "16",
             "--samples", "32", "--n-test", "16", "--seeds", "0", "--optimizer", "adam", "--lr", "0.05",
-            "--batch-size", "16", "--steps", "60", "--records", "4", "--out", str(out), "--quiet"]
-    assert main(argv) == 0
+            "--batch-size", "16", "--steps", "60", "--records", "4", "--out", str(out), "--quiet", "--no-report"]
+    assert main(argv) == 0  # the report is rendered below, from results.jsonl alone
     records = sorted(load_results(out), key=lambda r: r["config"]["width"])
-    assert [r["config"]["width"] for r in records] == [2, 8, 32]
+    assert [r["config"]["width"] for r in records] == [2, 5, 16]
     for rec in records:
         c, m = rec["config"], rec["metrics"]
         assert c["optimizer"] == "adam" and c["batch_size"] == 16 and len(c["data_hash"]) == 16
@@ -307,9 +309,7 @@ def test_user_cnn_family_on_npz_images_with_adam_falls_with_width_and_report_rer
     (slope,) = slope_table(records, metrics=("lin_trained_test_gap",))
     assert slope["slope_mean"] < -0.3, slope
 
-    for path in out.iterdir():
-        if path.name not in ("results.jsonl", ".ntkdyn-sweep.lock"):
-            path.unlink()
+    assert {p.name for p in out.iterdir()} <= {"results.jsonl", ".ntkdyn-sweep.lock", "failures.jsonl"}
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
     md = (out / "report.md").read_text()

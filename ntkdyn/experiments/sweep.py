@@ -20,8 +20,9 @@ The results folder is safe to share:
   file mode; the lines it takes out are moved to ``results.rejected.jsonl``,
   never deleted;
 * a record counts only if its ``key`` is the hash of its ``config``, its config
-  has the fields of this version (records of another schema stay in the file
-  but are counted separately, never merged) and its metrics are well formed.
+  has the fields and ``record_version`` of this version (records of another
+  schema stay in the file but are counted separately, never merged) and values
+  a grid can produce, and its metrics and curves are well formed.
 
 Each line holds ``key``, the full ``config`` (with ``record_version``: a
 folder written by an earlier version is recomputed, never misread), the
@@ -440,27 +441,74 @@ def _decode(obj):
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """An int or float that converts to a float (a 400-digit integer does not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        float(v)
+    except OverflowError:
+        return False
+    return True
+
+
+# the least value of every integer field a grid can produce (depth 0: a family without depth=)
+_INT_MINIMUM = {"n_train": 1, "n_test": 1, "data_seed": 0, "in_features": 1, "out_features": 1, "width": 1,
+                "depth": 0, "seed": 0, "steps": 1, "num_records": 2, "batch_size": 0}
+_INT_LIMIT = 2**63  # JAX/NumPy seeds and sizes are 64-bit
 
 
 def _config_ok(config: dict) -> bool:
-    return (all(isinstance(config[k], int) and not isinstance(config[k], bool) for k in _INT_FIELDS)
+    """Whether ``config`` has the types and values :meth:`SweepGrid.points` gives (its key is checked apart).
+
+    A hand-edited or foreign record with width 0, a 400-digit width, η ≤ 0 or
+    an unknown dtype is not a point any grid runs, and would break or mislead
+    the report.
+    """
+    if not (all(isinstance(config[k], int) and not isinstance(config[k], bool) for k in _INT_FIELDS)
             and all(_is_number(config[k]) for k in _NUMBER_FIELDS)
             and all(isinstance(config[k], bool) for k in _BOOL_FIELDS)
-            and all(isinstance(config[k], str) for k in _STR_FIELDS))
+            and all(isinstance(config[k], str) for k in _STR_FIELDS)):
+        return False
+    if not all(lo <= config[k] < _INT_LIMIT for k, lo in _INT_MINIMUM.items()):
+        return False
+    if config["batch_size"] > config["n_train"]:
+        return False
+    lr, momentum = float(config["learning_rate"]), float(config["momentum"])
+    if not (math.isfinite(lr) and lr > 0 and 0.0 <= momentum < 1.0):
+        return False
+    if not all(math.isfinite(float(config[k])) for k in ("sigma_w", "sigma_b")):
+        return False
+    choices = {"time": ("discrete", "continuous"), "dtype": ("float32", "float64"), "loss": LOSSES,
+               "optimizer": OPTIMIZERS, "subset": SUBSETS, "activation": (*models.ACTIVATIONS, ""),
+               "parameterization": (*models.PARAMETERIZATIONS, "")}
+    return all(config[k] in allowed for k, allowed in choices.items())
+
+
+def _curves_ok(curves) -> bool:
+    """``steps`` (non-negative integers) and curves that are lists of numbers (the report draws a curve only
+    where it has one value per step)."""
+    if not isinstance(curves, dict) or not isinstance(curves.get("steps"), list):
+        return False
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in curves["steps"]):
+        return False
+    return all(isinstance(v, list) and all(_is_number(x) for x in v) for v in curves.values())
 
 
 def _classify(rec) -> str:
     """``"ok"``, ``"schema"`` (config of another version), ``"mismatch"`` (key ≠ hash of config) or ``"malformed"``.
 
-    ``rec`` is a decoded JSON value. A record of this schema is ok when its
-    key is the hash of its config, the config fields have their types, and
-    the metrics the report reads are numbers (booleans for the two flags).
+    ``rec`` is a decoded JSON value. A record is of this schema when its
+    config has exactly the fields of this version and its ``record_version``
+    (an earlier or later version's record is never read as this one's). It is
+    ok when its key is the hash of its config, the config is one a grid
+    produces (types and ranges), the metrics are numbers (booleans for the
+    flags), the curves are lists of numbers beside integer ``steps``, and the
+    text and timing fields have their types.
     """
     if not isinstance(rec, dict) or not isinstance(rec.get("key"), str) or not isinstance(rec.get("config"), dict):
         return "malformed"
     config = rec["config"]
-    if set(config) != CONFIG_FIELDS:
+    if set(config) != CONFIG_FIELDS or config["record_version"] != RECORD_VERSION:
         return "schema"
     if point_key(config) != rec["key"]:
         return "mismatch"
@@ -469,16 +517,20 @@ def _classify(rec) -> str:
         return "malformed"
     if not all(isinstance(metrics.get(k), bool) for k in ("linear_diverged", "real_diverged")):
         return "malformed"
+    if not isinstance(metrics.get("closed_form", True), bool):
+        return "malformed"
     if not all(_is_number(v) or isinstance(v, bool) for v in metrics.values()):
         return "malformed"
     if not all(k in metrics for k in _REQUIRED_METRICS):
         return "malformed"
-    curves = rec.get("curves", {})
-    if not isinstance(curves, dict) or not all(
-        isinstance(v, list) and all(_is_number(x) for x in v) for v in curves.values()
+    if not _curves_ok(rec.get("curves")):
+        return "malformed"
+    timings = rec.get("timings", {})
+    if not _is_number(rec.get("seconds", 0.0)) or not isinstance(timings, dict) or not all(
+        _is_number(v) for v in timings.values()
     ):
         return "malformed"
-    if not _is_number(rec.get("seconds", 0.0)) or not isinstance(rec.get("timings", {}), dict):
+    if not all(isinstance(rec.get(k, ""), str) for k in ("version", "infinite_note")):
         return "malformed"
     return "ok"
 
@@ -492,14 +544,34 @@ class _Scan:
     reject: list[bytes]  # raw lines a repair moves to REJECTED_FILE
     counts: dict[str, int]  # torn, malformed, mismatch, duplicate, schema
     clean: bool  # nothing to repair (every line kept, file ends with a newline)
+    size: int = 0  # bytes read
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of the regular file ``path`` (missing = empty).
+
+    OSError for anything else: a folder (EISDIR), a FIFO or device (which
+    would block or never end), no permission.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
+    except FileNotFoundError:
+        return b""
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
 
 
 def _scan(path: Path) -> _Scan:
-    """Read ``path`` (missing = empty). OSError (a directory, no permission) propagates."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raw = b""
+    """Read ``path`` (missing = empty). OSError (not a regular file, no permission) propagates."""
+    raw = _read_regular(path)
     counts = dict.fromkeys(("torn", "malformed", "mismatch", "duplicate", "schema"), 0)
     records, keep, reject, seen = [], [], [], set()
     for line in raw.split(b"\n"):
@@ -507,7 +579,7 @@ def _scan(path: Path) -> _Scan:
             continue
         try:
             rec = _decode(json.loads(line))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # bad JSON or UTF-8, an integer of over 4300 digits, deep nesting
             counts["torn"] += 1
             reject.append(line)
             continue
@@ -521,7 +593,7 @@ def _scan(path: Path) -> _Scan:
             counts[kind] += 1
         (keep if kind in ("ok", "schema") else reject).append(line)
     clean = not reject and (not raw or raw.endswith(b"\n")) and raw.count(b"\n") == len(keep)
-    return _Scan(records, keep, reject, counts, clean)
+    return _Scan(records, keep, reject, counts, clean, len(raw))
 
 
 def _left_out(path: Path, counts: dict[str, int]) -> str | None:
@@ -559,8 +631,22 @@ def load_results(path: str | os.PathLike) -> list[dict]:
 # --------------------------------------------------------------------------- #
 
 
+def _read_only(path: str | os.PathLike) -> bool:
+    """Whether ``path`` may not be written: no write permission, or all its write bits off.
+
+    The mode bits are honoured even for root (who may write anyway), so a
+    folder or file a user marked read-only is never changed.
+    """
+    return not os.access(path, os.W_OK) or not os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+
+
 def prepare_output(out: str | os.PathLike) -> Path:
-    """Create ``out`` if needed and check it is a writable folder (ValueError otherwise)."""
+    """Create ``out`` if needed and check it is a writable folder (ValueError otherwise).
+
+    Refused: an empty path, an existing file, a folder or ``results.jsonl``
+    that is read-only (:func:`_read_only`), a ``results.jsonl`` that is not a
+    regular file, or a symlink to a file in a folder that does not exist.
+    """
     if str(out).strip() == "":
         raise ValueError(f"out: expected a folder path, got {str(out)!r}")
     out = Path(out)
@@ -568,6 +654,8 @@ def prepare_output(out: str | os.PathLike) -> Path:
         raise ValueError(f"out: expected a folder, got the existing file {str(out)!r}")
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if _read_only(out):
+            raise PermissionError(errno.EACCES, "the folder is read-only")
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
             pass
     except OSError as err:
@@ -575,8 +663,12 @@ def prepare_output(out: str | os.PathLike) -> Path:
     results = out / RESULTS_FILE
     if results.exists() and not results.is_file():
         raise ValueError(f"out: {str(results)!r} exists and is not a regular file")
-    if results.exists() and not os.access(results, os.W_OK):
-        raise ValueError(f"out: {str(results)!r} exists and is not writable")
+    if results.exists() and _read_only(results):
+        raise ValueError(f"out: {str(results)!r} exists and is read-only")
+    if results.is_symlink() and not results.exists():
+        target = Path(os.path.realpath(results))
+        if not target.parent.is_dir():
+            raise ValueError(f"out: {str(results)!r} is a symlink to {str(target)!r}, whose folder does not exist")
     return out
 
 
@@ -645,24 +737,25 @@ def _append(path: Path, record: dict) -> None:
         os.close(fd)
 
 
-def _repair(path: Path, scan: _Scan) -> None:
-    """Rewrite ``path`` with ``scan.keep`` only (call with the folder's lock held).
+def _repair(path: Path, scan: _Scan) -> bool:
+    """Rewrite ``path`` with ``scan.keep`` only (call with the folder's lock held); whether it did.
 
     The rejected lines are appended to ``REJECTED_FILE`` first (nothing is
     lost if the process dies in between). The new file replaces the real file
     behind a symlink, atomically, with the old file's mode (and owner, when
-    permitted).
+    permitted). If the file is no longer the one scanned (a writer that does
+    not take the lock appended to it), nothing is replaced and False is
+    returned: the unusable lines stay, and every reader skips them anyway.
     """
     real = Path(os.path.realpath(path))
     info = os.stat(real)
-    if scan.reject:
-        rejected = path.parent / REJECTED_FILE
-        fd = os.open(rejected, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            _write_all(fd, b"".join(line + b"\n" for line in scan.reject))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+
+    def unchanged() -> bool:
+        now = os.stat(real)
+        return (now.st_ino, now.st_size) == (info.st_ino, scan.size)
+
+    if not unchanged():
+        return False
     fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=".results-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -672,11 +765,23 @@ def _repair(path: Path, scan: _Scan) -> None:
         os.chmod(tmp, stat.S_IMODE(info.st_mode))
         with contextlib.suppress(OSError):
             os.chown(tmp, info.st_uid, info.st_gid)
+        if scan.reject:
+            rejected = path.parent / REJECTED_FILE
+            fd = os.open(rejected, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                _write_all(fd, b"".join(line + b"\n" for line in scan.reject))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if not unchanged():
+            os.unlink(tmp)
+            return False
         os.replace(tmp, real)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return True
 
 
 # --------------------------------------------------------------------------- #
@@ -1008,8 +1113,7 @@ def sweep(grid: SweepGrid, out: str | os.PathLike, *, progress: bool = False, wa
     with results_lock(out, wait=wait):
         scan = _scan(path)
         moved_aside = {}
-        if not scan.clean and path.exists():
-            _repair(path, scan)
+        if not scan.clean and path.exists() and _repair(path, scan):
             moved_aside = {k: n for k, n in scan.counts.items() if n and k != "schema"}
         done = {r["key"] for r in scan.records}
         todo = [c for c in points if point_key(c) not in done]

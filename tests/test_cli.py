@@ -76,7 +76,7 @@ def test_bad_sweep_configuration_is_one_line_and_exits_2_before_work(tmp_path, c
 @pytest.mark.parametrize(
     "argv",
     [[], ["frobnicate"], ["report"], ["compare", "--width", "0"], ["compare", "--samples", "0"],
-     ["report", "/nonexistent/folder"]],
+     ["report", "/nonexistent/folder"], ["report", ""]],
 )
 def test_every_user_error_is_one_line_without_traceback(capsys, argv):
     assert main(argv) == 2

@@ -5,17 +5,20 @@ Records are fabricated (see test_results_folder.fake_record): the report reads
 """
 
 import errno
+import math
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_results_folder import GRID, fake_record, line
+from test_results_folder import GRID, fake_record, line, unusable_records
 
 from ntkdyn.experiments import report as report_module
 from ntkdyn.experiments.cli import main
-from ntkdyn.experiments.report import STALE_MARKER, width_n_rows, write_report
+from ntkdyn.experiments.report import REPORT_LOCK, STALE_MARKER, width_n_rows, write_report
 from ntkdyn.experiments.sweep import RESULTS_FILE, SweepGrid
 
 REPORT_FILES = {"summary.csv", "slopes.csv", "report.md", "breakdown.png", "training_curves.png",
@@ -65,10 +68,48 @@ def test_malformed_lines_are_skipped_with_one_warning_counting_them(folder, caps
     assert len(rows) == 1 + 4
 
 
+def test_records_that_broke_the_rendering_are_skipped_with_one_warning(folder, capsys):
+    """Today: OverflowError / KeyError tracebacks, or one error line for the whole report."""
+    first, *rest = (folder / RESULTS_FILE).read_text().splitlines(keepends=True)
+    short = fake_record(GRID.points()[0])
+    short["curves"]["loss"] = [1.0]  # a curve with fewer values than steps: not drawn (x and y must ... today)
+    assert first.startswith('{"config"') and short["key"] in first
+    bad = unusable_records()
+    (folder / RESULTS_FILE).write_text("".join(line(r) for r in bad) + line(short) + "".join(rest))
+    assert main(["report", str(folder)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ntkdyn report: warning: ")
+    assert f"left out {len(bad)} lines: {len(bad)} malformed" in err[0]
+    assert len((folder / "summary.csv").read_text().splitlines()) == 1 + 4
+
+
 def test_results_file_that_is_a_folder_is_one_error_line(tmp_path, capsys):
     (tmp_path / RESULTS_FILE).mkdir()
     assert main(["report", str(tmp_path)]) == 2
     assert "is a folder" in one_error_line(capsys)
+
+
+def test_results_file_that_is_a_fifo_is_one_error_line_not_a_hang(tmp_path, capsys):
+    """Today `ntkdyn report` waits forever for a writer to open the FIFO."""
+    fifo = tmp_path / RESULTS_FILE
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def unblock():  # if the report blocks on the FIFO, open it for writing after a while so the test ends
+        if not done.wait(5.0):
+            fd = os.open(fifo, os.O_WRONLY)
+            os.close(fd)
+
+    helper = threading.Thread(target=unblock)
+    helper.start()
+    tic = time.monotonic()
+    try:
+        code = main(["report", str(tmp_path)])
+    finally:
+        done.set()
+        helper.join()
+    assert time.monotonic() - tic < 5.0 and code == 2
+    assert "is not a regular file" in one_error_line(capsys)
 
 
 def test_read_only_summary_csv_is_one_error_line_and_nothing_changes(folder, capsys):
@@ -126,6 +167,45 @@ def test_the_sweeps_report_step_turns_os_errors_into_one_line(folder, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("ntkdyn sweep: error: ") and "report.md" in err[-1]
     assert (folder / RESULTS_FILE).read_bytes() == before
+
+
+def test_two_reports_rendered_at_once_are_moved_in_one_after_the_other(tmp_path, monkeypatch):
+    """Today their files are moved in interleaved (a folder mixing both) and the second to finish fails
+    on the marker the first removed (FileNotFoundError: report.stale)."""
+    (tmp_path / RESULTS_FILE).write_text(line(fake_record(GRID.points()[0])))
+    both_rendered = threading.Barrier(2, timeout=60)
+    real_render, real_replace = report_module._render, os.replace
+    moves, failures = [], []
+
+    one_at_a_time = threading.Lock()  # matplotlib's text parser is not thread-safe; processes would not share it
+
+    def render_then_meet(stage, records):
+        with one_at_a_time:
+            names = real_render(stage, records)
+        both_rendered.wait()  # both reports start moving their files at the same moment
+        return names
+
+    def slow_replace(src, dst):
+        moves.append(threading.current_thread().name)
+        time.sleep(0.02)
+        real_replace(src, dst)
+
+    def run():
+        try:
+            write_report(tmp_path)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            failures.append(err)
+
+    monkeypatch.setattr(report_module, "_render", render_then_meet)
+    monkeypatch.setattr(report_module.os, "replace", slow_replace)
+    threads = [threading.Thread(target=run, name=name) for name in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert moves == sorted(moves) or moves == sorted(moves, reverse=True)  # AAAA BBBB, never interleaved
+    assert not (tmp_path / STALE_MARKER).exists() and (tmp_path / REPORT_LOCK).exists()
 
 
 def test_a_kill_while_rendering_leaves_the_old_report_and_one_while_moving_marks_it_stale(folder, monkeypatch):
@@ -188,6 +268,34 @@ def test_heat_map_of_all_diverged_cells_is_readable():
     text_luminance = np.mean(to_rgba(labels[0].get_color())[:3])
     assert abs(background - text_luminance) > 0.5  # the label contrasts with its cell
     assert (luminance < 0.3).mean() > 0.002  # and dark label pixels are really drawn
+
+
+def test_heat_map_says_which_side_diverged_and_never_calls_a_missing_gap_a_divergence():
+    """Today every cell without a finite gap reads 'lin. diverged': a real network that blew up while the
+    linearized one converged, and a point whose gap does not apply (NaN)."""
+    grid = SweepGrid(widths=(8, 16, 32, 64), samples=(4,), seeds=(0, 1), steps=5)
+    inf, nan = float("inf"), float("nan")
+    cells = {8: [dict(test_gap=inf, linear_diverged=True)] * 2,
+             16: [dict(test_gap=inf, real_diverged=True)] * 2,
+             32: [dict(test_gap=nan)] * 2,
+             64: [dict(test_gap=nan), dict(test_gap=0.03)]}
+    recs = [fake_record(c, **cells[c["width"]][c["seed"]]) for c in grid.points()]
+    fig = report_module._breakdown_figure(recs, "")
+    texts = {round(t.get_position()[0]): t.get_text() for t in fig.axes[0].texts}
+    assert texts == {0: "lin. diverged", 1: "real diverged", 2: "n/a", 3: "0.03"}
+
+
+def test_width_n_table_shows_a_gap_that_does_not_apply_as_nan_not_inf():
+    """Today a point without a closed form (test_gap NaN) reads as an infinite gap in the table, and the
+    consistency column depends on where a NaN sits."""
+    grid = SweepGrid(widths=(8,), samples=(4,), seeds=(0, 1), steps=5)
+    recs = [fake_record(c, test_gap=nan_or, lin_consistency=cons)
+            for c, nan_or, cons in zip(grid.points(), (float("nan"), float("nan")), (float("nan"), 1e-7))]
+    for order in (recs, recs[::-1]):
+        (row,) = width_n_rows(order)
+        assert math.isnan(row["test gap"]) and row["f_lin(θ^lin) vs Eq.9/10"] == 1e-7
+    mixed = [fake_record(c, test_gap=g) for c, g in zip(grid.points(), (float("nan"), 0.5))]
+    assert width_n_rows(mixed)[0]["test gap"] == 0.5
 
 
 def test_a_large_finite_gap_is_not_labelled_inf():

@@ -19,9 +19,11 @@
 
 The files are rendered into a temporary folder inside ``out`` and then moved
 into place, ``report.md`` last. While they are moved, ``report.stale`` marks
-the folder (a kill in between leaves that marker: re-run ``ntkdyn report``);
-an error while rendering (disk full, a read-only file) leaves the previous
-report untouched, and ``results.jsonl`` is only ever read.
+the folder (a kill in between leaves that marker: re-run ``ntkdyn report``)
+and ``.ntkdyn-report.lock`` is held, so two reports rendered at once are moved
+in one after the other, never mixed; an error while rendering (disk full, a
+read-only file) leaves the previous report untouched, and ``results.jsonl``
+is only ever read.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import errno
 import math
 import os
 import shutil
-import stat
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ntkdyn.experiments.sweep import RESULTS_FILE, load_results
+from ntkdyn.experiments.sweep import RESULTS_FILE, _read_only, load_results
 
 __all__ = [
     "SLOPE_METRICS",
@@ -49,6 +50,7 @@ __all__ = [
     "write_report",
     "breakdown_threshold",
     "STALE_MARKER",
+    "REPORT_LOCK",
     "width_n_rows",
     "comparisons_text",
     "infinite_rows",
@@ -83,6 +85,7 @@ _SETTINGS = ("dataset", "n_train", "model", "depth", "activation", "parameteriza
 # a test discrepancy above this is where we call the linear prediction broken
 breakdown_threshold = 0.1
 STALE_MARKER = "report.stale"
+REPORT_LOCK = ".ntkdyn-report.lock"
 
 
 # --------------------------------------------------------------------------- #
@@ -377,23 +380,47 @@ def _gap_metric(recs: Sequence[dict]) -> str:
     return "lin_trained_test_gap"
 
 
+def _cell(recs: list[dict], metric: str) -> tuple[float, str | None]:
+    """The value and the label (None: the value) of one heat-map cell from its points.
+
+    NaN means the metric does not apply to a point (no closed form, no test
+    set); such points are left out. Infinite gaps (a side diverged) count as
+    the largest value in the median; a cell whose every gap is infinite says
+    which side diverged, from the points' ``linear_diverged`` / ``real_diverged``.
+    """
+    pairs = [(float(r["metrics"].get(metric, np.nan)), r["metrics"]) for r in recs]
+    known = [(v, m) for v, m in pairs if not math.isnan(v)]
+    if not known:
+        return float("nan"), "n/a"
+    values = np.array([v for v, _ in known])
+    if np.isfinite(values).any():
+        return float(np.median(values)), None
+    if all(m.get("linear_diverged", False) for _, m in known):
+        return float("inf"), "lin. diverged"
+    if all(m.get("real_diverged", False) for _, m in known):
+        return float("inf"), "real diverged"
+    return float("inf"), "diverged"
+
+
 def _breakdown_grid(recs: list[dict]):
-    """``(widths, samples, median test gap (N × width), all-diverged mask)``; NaN where no point."""
+    """``(widths, samples, median test gap (N × width), labels)``: NaN where no point, a label (object array,
+    None where the value is shown) for cells whose points all diverged or lack the metric."""
     metric = _gap_metric(recs)
     widths = sorted({r["config"]["width"] for r in recs})
     samples = sorted({r["config"]["n_train"] for r in recs})
     grid = np.full((len(samples), len(widths)), np.nan)
-    diverged = np.zeros_like(grid, dtype=bool)
+    labels = np.full(grid.shape, None, dtype=object)
     for i, n in enumerate(samples):
         for j, w in enumerate(widths):
-            vals = np.array([float(r["metrics"].get(metric, np.nan)) for r in recs
-                             if r["config"]["n_train"] == n and r["config"]["width"] == w])
-            if vals.size:
-                if np.all(~np.isfinite(vals)):
-                    diverged[i, j] = True
-                else:
-                    grid[i, j] = float(np.median(np.where(np.isfinite(vals), vals, np.inf)))
-    return widths, samples, grid, diverged
+            cell = [r for r in recs if r["config"]["n_train"] == n and r["config"]["width"] == w]
+            if cell:
+                grid[i, j], labels[i, j] = _cell(cell, metric)
+    return widths, samples, grid, labels
+
+
+def _diverged(labels: np.ndarray) -> np.ndarray:
+    """The cells drawn grey: every point's gap infinite."""
+    return np.vectorize(lambda t: t is not None and t != "n/a", otypes=[bool])(labels)
 
 
 def _color_range(grid: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -407,13 +434,16 @@ def _color_range(grid: np.ndarray) -> tuple[np.ndarray, float, float]:
     return shown, float(vmin), float(vmax)
 
 
-def _cell_styles(grid: np.ndarray, diverged: np.ndarray, cmap) -> list[dict]:
+def _cell_styles(grid: np.ndarray, labels: np.ndarray, cmap) -> list[dict]:
     """Label, weight, face colour and a contrasting text colour of every labelled heat-map cell."""
     shown, vmin, vmax = _color_range(grid)
+    diverged = _diverged(labels)
     cells = []
     for (i, j), value in np.ndenumerate(grid):
         if diverged[i, j]:
-            text, weight, face = "lin. diverged", "bold", _DIVERGED_FACE
+            text, weight, face = labels[i, j], "bold", _DIVERGED_FACE
+        elif labels[i, j] is not None:
+            text, weight, face = labels[i, j], "normal", _EMPTY_FACE
         elif np.isnan(value):
             continue
         else:
@@ -429,7 +459,8 @@ def _breakdown_figure(recs: list[dict], title: str):
     from matplotlib import colormaps
     from matplotlib.colors import ListedColormap
 
-    widths, samples, grid, diverged = _breakdown_grid(recs)
+    widths, samples, grid, labels = _breakdown_grid(recs)
+    diverged = _diverged(labels)
     shown, vmin, vmax = _color_range(grid)
     cmap = colormaps["magma_r"]
     fig = _figure(2.4 + 1.1 * len(widths), 1.8 + 0.7 * len(samples))
@@ -438,7 +469,7 @@ def _breakdown_figure(recs: list[dict], title: str):
     if diverged.any():
         ax.imshow(np.ma.masked_where(~diverged, np.ones(grid.shape)), cmap=ListedColormap([_DIVERGED_FACE]),
                   vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
-    for cell in _cell_styles(grid, diverged, cmap):
+    for cell in _cell_styles(grid, labels, cmap):
         ax.text(cell["col"], cell["row"], cell["text"], ha="center", va="center", fontsize=8,
                 weight=cell["weight"], color=cell["color"])
     ax.set_xticks(range(len(widths)), [str(w) for w in widths])
@@ -448,7 +479,8 @@ def _breakdown_figure(recs: list[dict], title: str):
     cbar = fig.colorbar(im, ax=ax)
     what = "vs the closed form" if _gap_metric(recs) == "test_gap" else "vs the trained f_lin"
     cbar.set_label(f"log10 test discrepancy {what}\n(median over seeds)", fontsize=8)
-    ax.set_title(f"where linearization breaks (bold: ≥ {breakdown_threshold:g}; grey: linearized model diverged)"
+    ax.set_title(f"where linearization breaks (bold: ≥ {breakdown_threshold:g}; grey: diverged, the cell says which "
+                 "side)"
                  + (f"\n{title}" if title else ""), fontsize=9)
     return fig
 
@@ -474,8 +506,8 @@ def _plot_curves(records: Sequence[dict], path: Path) -> dict | None:
     axes = [fig.add_subplot(1, 2, i + 1) for i in range(2)]
     colors = _colors(len(picks))
     for rec, color in zip(picks, colors):
-        c = rec["curves"]
-        steps = np.maximum(np.asarray(c["steps"], dtype=float), 0.5)  # step 0 on a log axis
+        steps = np.maximum(np.asarray(rec["curves"]["steps"], dtype=float), 0.5)  # step 0 on a log axis
+        c = {k: v for k, v in rec["curves"].items() if len(v) == len(steps)}  # one value per step, or not drawn
         w = rec["config"]["width"]
         for ax, real, lin in ((axes[0], "loss", "loss_lin"), (axes[1], "test_loss", "test_loss_lin")):
             if real in c:
@@ -583,7 +615,7 @@ def write_report(out: str | os.PathLike, records: Sequence[dict] | None = None) 
     paths by name.
 
     Raises:
-      ValueError: no results, or ``results.jsonl`` is not a file.
+      ValueError: no results, or ``results.jsonl`` is not a regular file.
       OSError: the folder or an existing report file is read-only (its write
         bits are off), the disk is full, ...; the old report and
         ``results.jsonl`` are left as they were.
@@ -597,6 +629,8 @@ def write_report(out: str | os.PathLike, records: Sequence[dict] | None = None) 
             raise ValueError(f"out: {str(path)!r} is a folder, expected the results file")
         if not path.exists():
             raise ValueError(f"out: no {RESULTS_FILE} in {str(out)!r}; run `ntkdyn sweep --out {out}` first")
+        if not path.is_file():  # a FIFO or a device: reading it would block or never end
+            raise ValueError(f"out: {str(path)!r} is not a regular file")
         records = load_results(out)
     records = list(records)
     if not records:
@@ -608,7 +642,8 @@ def write_report(out: str | os.PathLike, records: Sequence[dict] | None = None) 
         names = _render(stage, records)
         for name in names:
             _check_writable(out / name)
-        _install(stage, out, names)
+        with _install_lock(out):
+            _install(stage, out, names)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return {name: out / name for name in names}
@@ -622,13 +657,29 @@ def _check_writable(path: Path) -> None:
     """
     if not path.exists():
         return
-    if not os.access(path, os.W_OK) or not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+    if _read_only(path):
         what = "folder" if path.is_dir() else "report file"
         raise PermissionError(errno.EACCES, f"the {what} is read-only; not replacing the report", str(path))
 
 
+@contextlib.contextmanager
+def _install_lock(out: Path):
+    """Hold the exclusive ``flock`` on ``out/.ntkdyn-report.lock`` (released when the process dies)."""
+    import fcntl  # POSIX; imported here so the package imports everywhere
+
+    fd = os.open(out / REPORT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def _install(stage: Path, out: Path, names: list[str]) -> None:
-    """Move the staged files into ``out`` (``report.md`` last) under a ``report.stale`` marker."""
+    """Move the staged files into ``out`` (``report.md`` last) under a ``report.stale`` marker.
+
+    Call with :func:`_install_lock` held.
+    """
     marker = out / STALE_MARKER
     marker.write_text(
         "The report in this folder is being replaced. If this file is still here, that was interrupted and\n"
@@ -642,7 +693,7 @@ def _install(stage: Path, out: Path, names: list[str]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-    marker.unlink()
+    marker.unlink(missing_ok=True)
 
 
 def _render(out: Path, records: list[dict]) -> list[str]:
@@ -835,7 +886,11 @@ def _value_key(v):
 
 
 def width_n_rows(records: Sequence[dict]) -> list[dict]:
-    """One row per (N, width): medians over its points (every seed and setting), ``seeds`` = distinct seeds."""
+    """One row per (N, width): medians over its points (every seed and setting), ``seeds`` = distinct seeds.
+
+    A NaN metric (it does not apply to the point: no closed form, no test set)
+    is left out, NaN if no point has it; an infinite gap (diverged) counts.
+    """
     cells: dict[tuple[int, int], list[dict]] = defaultdict(list)
     for r in records:
         cells[(r["config"]["n_train"], r["config"]["width"])].append(r)
@@ -844,9 +899,7 @@ def width_n_rows(records: Sequence[dict]) -> list[dict]:
         ms = [r["metrics"] for r in recs]
 
         def med(name):
-            v = np.array([float(m.get(name, np.nan)) for m in ms])
-            v = np.where(np.isnan(v), np.inf, v)
-            return float(np.median(v))
+            return _median_known([float(m.get(name, np.nan)) for m in ms])
 
         rows.append({
             "N": n, "width": w, "seeds": len({r["config"]["seed"] for r in recs}), "points": len(recs),
@@ -854,9 +907,24 @@ def width_n_rows(records: Sequence[dict]) -> list[dict]:
             "kernel drift": med("kernel_drift"), "weight gap": med("weight_gap"),
             "vs trained f_lin": med("lin_trained_test_gap"),
             "f(θ^lin) gap": med("eq8_test_gap"),
-            "f_lin(θ^lin) vs Eq.9/10": max(float(m.get("lin_consistency", np.nan)) for m in ms),
+            "f_lin(θ^lin) vs Eq.9/10": _max_known([float(m.get("lin_consistency", np.nan)) for m in ms]),
         })
     return rows
+
+
+def _median_known(values: Sequence[float]) -> float:
+    """Median over the values that are not NaN (NaN: the metric does not apply; inf: diverged, counted); NaN if
+    none."""
+    v = np.array(values, dtype=float)
+    v = v[~np.isnan(v)]
+    return float(np.median(v)) if v.size else float("nan")
+
+
+def _max_known(values: Sequence[float]) -> float:
+    """Largest value that is not NaN; NaN if none (Python's max depends on where a NaN sits)."""
+    v = np.array(values, dtype=float)
+    v = v[~np.isnan(v)]
+    return float(v.max()) if v.size else float("nan")
 
 
 def _width_n_table(records: Sequence[dict]) -> list[str]:
@@ -888,10 +956,7 @@ def infinite_rows(records: Sequence[dict]) -> list[dict]:
     rows = []
     for (n, w), recs in sorted(cells.items()):
         def med(name):
-            v = np.array([_inf_value(r, name) for r in recs])
-            if np.all(np.isnan(v)):
-                return float("nan")
-            return float(np.median(np.where(np.isnan(v), np.inf, v)))
+            return _median_known([_inf_value(r, name) for r in recs])
 
         def band():
             v = np.array([_inf_value(r, "inf_band_test") for r in recs])

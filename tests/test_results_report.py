@@ -239,6 +239,30 @@ def test_a_kill_while_rendering_leaves_the_old_report_and_one_while_moving_marks
     assert not (folder / STALE_MARKER).exists()
 
 
+def test_the_rendering_folder_of_a_killed_report_is_removed_by_the_next_one(folder):
+    """A SIGKILL while rendering used to leave its hidden .report-* folder behind for good."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        orphan = folder / (report_module._stage_prefix(dead.pid) + "abc")
+        running = folder / (report_module._stage_prefix(alive.pid) + "def")
+        other_host = folder / f".report-elsewhere-{dead.pid}-ghi"
+        for stage in (orphan, running, other_host):
+            stage.mkdir()
+            (stage / "summary.csv").write_text("half")
+        write_report(folder)
+        assert not orphan.exists()
+        assert running.is_dir() and other_host.is_dir()  # a report still rendering; another host's
+        assert {p.name for p in folder.iterdir() if p.name.startswith(".report-")} == {running.name, other_host.name}
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 # --------------------------------------------------------------------------- #
 # rendering
 # --------------------------------------------------------------------------- #

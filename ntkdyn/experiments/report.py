@@ -23,7 +23,8 @@ the folder (a kill in between leaves that marker: re-run ``ntkdyn report``)
 and ``.ntkdyn-report.lock`` is held, so two reports rendered at once are moved
 in one after the other, never mixed; an error while rendering (disk full, a
 read-only file) leaves the previous report untouched, and ``results.jsonl``
-is only ever read.
+is only ever read. The temporary folder (``.report-<host>-<pid>-*``) of a
+report killed while rendering is removed by the next report on that host.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import errno
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -637,12 +639,13 @@ def write_report(out: str | os.PathLike, records: Sequence[dict] | None = None) 
         raise ValueError(f"out: {str(out / RESULTS_FILE)!r} holds no finished points")
     for path in (out, out / "summary.csv", out / "slopes.csv", out / "report.md"):
         _check_writable(path)  # fail before rendering; the figures are checked once their names are known
-    stage = Path(tempfile.mkdtemp(dir=out, prefix=".report-"))
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=_stage_prefix()))
     try:
         names = _render(stage, records)
         for name in names:
             _check_writable(out / name)
         with _install_lock(out):
+            _remove_orphan_stages(out)
             _install(stage, out, names)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -660,6 +663,35 @@ def _check_writable(path: Path) -> None:
     if _read_only(path):
         what = "folder" if path.is_dir() else "report file"
         raise PermissionError(errno.EACCES, f"the {what} is read-only; not replacing the report", str(path))
+
+
+def _stage_prefix(pid: int | None = None) -> str:
+    """Name prefix of a rendering folder: host and pid, so a later report can tell whether its owner is gone."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+    return f".report-{host}-{os.getpid() if pid is None else pid}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_orphan_stages(out: Path) -> None:
+    """Delete rendering folders left by killed reports of this host (their pid is gone).
+
+    Folders of live processes (a report rendering right now) and of other
+    hosts (a shared filesystem) are left alone.
+    """
+    host_prefix = _stage_prefix(0)[: -len("0-")]
+    for stage in out.glob(host_prefix + "*"):
+        pid = stage.name[len(host_prefix):].split("-", 1)[0]
+        if stage.is_dir() and not stage.is_symlink() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ def test_sweep_then_report_rerenders_from_results(tmp_path, capsys):
     assert main(["sweep", *TINY, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "ran 2, skipped 0" in printed and "slope" in printed
+    assert "inf_kernel_error" in printed and "inf_real_test_gap" in printed  # an mlp sweep has the ∞-width slopes
     assert len(load_results(out)) == 2
     produced = {p.name for p in out.iterdir()}
     assert {RESULTS_FILE, "summary.csv", "slopes.csv", "report.md", "breakdown.png", "training_curves.png",

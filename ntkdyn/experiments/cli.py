@@ -206,7 +206,9 @@ def _print_slopes(records, out=None) -> None:
     out = out or sys.stdout
     from ntkdyn.experiments.report import slope_table
 
-    metrics = ("test_gap", "train_gap", "lin_trained_test_gap", "kernel_drift")
+    # the infinite-width ones print only where they apply (mlp/cnn points with a closed form)
+    metrics = ("test_gap", "train_gap", "lin_trained_test_gap", "kernel_drift", "inf_kernel_error",
+               "inf_lin_test_gap", "inf_real_test_gap")
     rows = [s for s in slope_table(records, metrics=metrics) if s["seeds"]]  # no fit: e.g. no closed form
     if not rows:
         return

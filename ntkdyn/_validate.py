@@ -8,6 +8,10 @@ the arguments are tracers: only shape checks run eagerly, and the numeric
 cores poison their outputs with NaN through :func:`nan_unless` instead, so a
 bad traced value never turns into a finite wrong number.
 
+Scalars: every numeric option takes Python, NumPy and JAX scalars alike
+(0-d arrays included); options that shape the program (``rcond``, counts
+such as ``steps`` or ``tile_size``, ``momentum``) must be concrete.
+
 Dtype rule: integer and bool-free numeric inputs are promoted to the default
 float; float16 / bfloat16 are computed in float32 (XLA's CPU eigensolvers and
 the 50-digit-checked spectral functions have no half-precision form, and a
@@ -298,23 +302,33 @@ def clock(time, momentum, clocks: Iterable[str]) -> float:
 
 
 def rcond(value) -> float | None:
-    """None or a Python/NumPy float in [0, 1) (static: it selects the cut-off)."""
+    """None or a concrete real scalar in [0, 1) (Python, NumPy or JAX; static: it selects the cut-off)."""
     if value is None:
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, _REAL_SCALARS):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (*_REAL_SCALARS, np.ndarray, jax.Array)):
         raise TypeError(f"rcond: expected None or a float in [0, 1), got {type(value).__name__}")
-    if not 0 <= float(value) < 1:
-        raise ValueError(f"rcond: expected None or a float in [0, 1), got {value}")
-    return float(value)
+    _real_scalar("rcond", value, "None or a float in [0, 1)")
+    if not is_concrete(value):
+        raise TypeError("rcond: expected a concrete float in [0, 1) (it selects the cut-off), got a traced value")
+    v = float(np.asarray(value, dtype=np.float64))
+    if not 0 <= v < 1:
+        raise ValueError(f"rcond: expected None or a float in [0, 1), got {v}")
+    return v
 
 
 def count(name: str, value, minimum: int = 1) -> int:
-    """A Python/NumPy integer >= ``minimum``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    """A concrete integer >= ``minimum`` (Python, NumPy or JAX scalar, 0-d arrays included), as a Python int."""
+    integral = isinstance(value, (int, np.integer)) or (
+        isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0 and np.issubdtype(value.dtype, np.integer)
+    )
+    if isinstance(value, (bool, np.bool_)) or not integral:
         raise TypeError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    if not is_concrete(value):
+        raise TypeError(f"{name}: expected a concrete integer >= {minimum}, got a traced value")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
-    return int(value)
+    return value
 
 
 def choice(name: str, value, choices: Iterable[str]) -> str:

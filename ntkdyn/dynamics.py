@@ -27,6 +27,7 @@ the symmetric ``S = P Θ P = V diag(λ) Vᵀ``:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
@@ -201,7 +202,7 @@ def solve(k_train_train: jax.Array, y_train: jax.Array, fx_train_0: jax.Array, t
             r0 = r0.reshape(-1, 1)
             traced = False
     spec = _decompose(mat, root, prob.diag_reg, diag_reg_absolute=diag_reg_absolute, rcond=prob.rcond)
-    _check_spectrum(spec, prob, time)
+    _check_spectrum(spec, prob, time, metric=metric is not None)
     train, test, alpha = _evaluate(
         spec, mat, root, r0, prob.y_train, prob.times, jnp.asarray(prob.lr, dtype), jnp.asarray(prob.diag_reg, dtype),
         k_st, prob.fx_test_0, time=time, traced=traced, momentum=prob.momentum,
@@ -220,12 +221,30 @@ def _decompose(mat, root, diag_reg, *, diag_reg_absolute: bool, rcond: float) ->
     return spectral.spectrum(root @ reg_mat @ root, rcond=rcond).replace(reg=reg)
 
 
-def _check_spectrum(spec: Spectrum, prob: _Problem, time: str) -> None:
-    """Eager checks that need the spectrum: indefiniteness, fractional unstable steps, the stability warning."""
+def _kernel_extremes(spec: Spectrum) -> tuple[jax.Array, jax.Array]:
+    """``(λ_min(Θ), scale)`` from the spectrum of ``Θ + reg·I``: the regularizer shifted back out.
+
+    A regularizer must not hide an indefinite kernel, so the PSD test is on Θ
+    itself; its scale is the regularized matrix's largest |eigenvalue| (the
+    eigensolver's round-off is relative to that).
+    """
+    low = spec.smallest - spec.reg
+    return low, jnp.maximum(spec.max_eigenvalue, jnp.abs(low))
+
+
+def _check_spectrum(spec: Spectrum, prob: _Problem, time: str, *, metric: bool = False) -> None:
+    """Eager checks that need the spectrum: indefiniteness, fractional unstable steps, the stability warning.
+
+    With a metric the spectrum is that of ``P (Θ + reg·I) P``, which can hide
+    a negative direction of Θ: the kernel is then checked on its own.
+    """
     dtype = prob.mat.dtype
-    if _validate.is_concrete(spec.eigenvalues):
-        _validate.psd_eigenvalues("k_train_train", np.array([float(spec.smallest), float(spec.max_eigenvalue)]),
-                                  dtype, size=prob.mat.shape[0])
+    if metric:
+        _validate.symmetric_psd("k_train_train", prob.mat, what="kernel")
+    elif _validate.is_concrete(spec.eigenvalues):
+        low, scale = _kernel_extremes(spec)
+        _validate.psd_eigenvalues("k_train_train", np.array([float(low), float(scale)]), dtype,
+                                  size=prob.mat.shape[0])
     if time != "discrete" or not _validate.is_concrete((spec.eigenvalues, prob.lr)):
         return
     times = prob.times if _validate.is_concrete(prob.times) else None
@@ -299,17 +318,51 @@ def _evaluate(spec, mat, root, r0, y_train, times, lr, diag_reg, k_st, fx_test_0
             shift = jnp.einsum("ij,tj->ti", k_st, alpha.reshape(n_times, n)).reshape(n_times, -1, outputs)
         test = fx_test_0[None] - shift
 
-    scale = jnp.max(jnp.abs(mat))
-    ok = (
-        jnp.isfinite(lr) & (lr > 0) & jnp.isfinite(diag_reg) & (diag_reg >= 0)
-        & (jnp.max(jnp.abs(mat - mat.T)) <= psd_tol * scale)
-        & (spec.smallest >= -psd_tol * jnp.maximum(spec.max_eigenvalue, jnp.abs(spec.smallest)))
-    )
+    if root is None:
+        low, top = _kernel_extremes(spec)
+    else:  # P (Θ + reg·I) P can hide a negative direction of Θ: Θ's own spectrum
+        own = jnp.linalg.eigvalsh(0.5 * (mat + mat.T))
+        low, top = own[0], jnp.maximum(own[-1], jnp.abs(own[0]))
+    ok = _valid_hyper(lr, diag_reg) & _symmetric(mat, psd_tol) & (low >= -psd_tol * top)
     ok_t = ok & (times >= 0)
     if momentum > 0:
         ok_t = ok_t & (jnp.isinf(times) | (times == jnp.round(times)))
     ok_t = ok_t[:, None, None]
     return _validate.nan_unless(ok_t, (train, test, alpha))
+
+
+def _valid_hyper(lr, diag_reg) -> jax.Array:
+    """Traced twin of the eager checks of η (finite, > 0) and diag_reg (finite, >= 0); None passes."""
+    ok = jnp.asarray(True)
+    if lr is not None:
+        ok = ok & jnp.isfinite(lr) & (lr > 0)
+    return ok & jnp.isfinite(diag_reg) & (diag_reg >= 0)
+
+
+def _symmetric(mat, psd_tol: float) -> jax.Array:
+    """Traced twin of :func:`ntkdyn._validate.symmetric`: ``max|M − Mᵀ| <= tol · max|M|``."""
+    return jnp.max(jnp.abs(mat - mat.T)) <= psd_tol * jnp.max(jnp.abs(mat))
+
+
+@contextlib.contextmanager
+def computed_kernels(owner: str):
+    """Errors about a kernel the caller computed itself name ``owner`` (the user's argument it came from).
+
+    ``predict`` / ``parameter_space`` / ``compare`` compute Θ from the model;
+    when it fails a check (NaN/inf from an overflowing Jacobian), the user
+    never passed ``k_train_train``: the message names ``owner`` and keeps the
+    check's own words.
+    """
+    try:
+        yield
+    except ValueError as err:
+        text = str(err)
+        for name in ("k_train_train", "k_test_train"):
+            if text.startswith(f"{name}: "):
+                where = "x_test" if name == "k_test_train" else "x"
+                raise ValueError(f"{owner}: the empirical NTK computed from {owner} on {where} failed its check "
+                                 f"({text[len(name) + 2:]})") from err
+        raise
 
 
 def _drop_time_axis(x, scalar: bool):
@@ -353,6 +406,8 @@ def function_space(
       k_train_train: Θ(X, X), full (N, N, K, K) or output-traced (N, N);
         symmetric positive semi-definite (ValueError otherwise; the tolerance
         is :func:`ntkdyn._validate.psd_tolerance` of its size and dtype).
+        Θ itself is checked: neither ``diag_reg`` nor ``metric`` can make an
+        indefinite kernel pass.
       y_train: targets (N, K).
       fx_train_0: f₀(X), (N, K).
       t: time in steps; scalar or 1-D; ``jnp.inf`` gives the converged limit.
@@ -454,9 +509,11 @@ def parameter_space(
     _validate.params_tree("params0", params0)
     _, scalar = _validate.times(t)
     fx0 = apply_fn(params0, x_train)
-    if k_train_train is None:
+    computed = k_train_train is None
+    if computed:
         k_train_train = empirical_ntk(apply_fn, params0, x_train, method=ntk_method, tile_size=tile_size)
-    sol = solve(k_train_train, y_train, fx0, t, **options)
+    with computed_kernels("params0") if computed else contextlib.nullcontext():
+        sol = solve(k_train_train, y_train, fx0, t, **options)
     return _drop_time_axis(weights_from_alpha(apply_fn, params0, x_train, sol.alpha), scalar)
 
 
@@ -492,7 +549,9 @@ def max_learning_rate(
         the regularized kernel).
 
     Returns:
-      A scalar; ``inf`` for an all-zero kernel.
+      A scalar; ``inf`` for an all-zero kernel. Under ``jit``, NaN where the
+      eager checks would raise (asymmetric or indefinite kernel, diag_reg
+      negative or not finite).
     """
     beta = _validate.fraction("momentum", momentum)
     k = _validate.float_array("k_train_train", k_train_train)
@@ -513,9 +572,12 @@ def max_learning_rate(
     _validate.symmetric("k_train_train", mat)
     spec = spectral.spectrum(mat, diag_reg=diag_reg, diag_reg_absolute=diag_reg_absolute)
     lam_max = spec.max_eigenvalue
+    low, scale = _kernel_extremes(spec)
     if _validate.is_concrete(lam_max):
-        _validate.psd_eigenvalues("k_train_train", np.array([float(spec.smallest), float(lam_max)]), mat.dtype,
+        _validate.psd_eigenvalues("k_train_train", np.array([float(low), float(scale)]), mat.dtype,
                                   size=mat.shape[0])
     limit = jnp.where(lam_max > 0, 2.0 * (1.0 + beta) * n / jnp.where(lam_max > 0, lam_max, 1.0), jnp.inf)
     tol = _validate.psd_tolerance(mat.shape[0], mat.dtype)
-    return jnp.where(spec.smallest >= -tol * jnp.maximum(lam_max, jnp.abs(spec.smallest)), limit, jnp.nan)
+    # under jit: NaN for what the eager checks reject (asymmetric or indefinite kernel, bad diag_reg)
+    ok = _valid_hyper(None, jnp.asarray(diag_reg, mat.dtype)) & _symmetric(mat, tol) & (low >= -tol * scale)
+    return jnp.where(ok, limit, jnp.nan)

@@ -111,11 +111,13 @@ def spectrum(
 ) -> Spectrum:
     """Eigendecompose ``Θ + reg·I`` with a pseudo-inverse-style cut-off.
 
-    Concrete kernels are decomposed on the host in float64 (LAPACK ``syevd``)
-    and the result is cast back to the kernel's dtype: a float32 ``eigh`` moves
-    small eigenvalues by ``O(√m·eps₃₂)·λ_max``, which is the size of the
-    cut-off itself, so a mode just above it could get a gain off by O(1). Under
-    ``jit`` (traced kernel) ``jnp.linalg.eigh`` runs in the kernel's dtype.
+    The decomposition is computed in float64 and cast back to the kernel's
+    dtype: a float32 ``eigh`` moves small eigenvalues by ``O(√m·eps₃₂)·λ_max``,
+    which is the size of the cut-off itself, and mixes the modes on either
+    side of it, so a mode just above it could get a gain off by O(1).
+    Concrete kernels go to LAPACK (``syevd``) on the host; under ``jit`` the
+    program upcasts when ``jax_enable_x64`` is on, and otherwise (no float64
+    in the program) runs in the kernel's dtype (:func:`_eigh64`).
 
     Args:
       kernel_matrix: symmetric (m, m) kernel (symmetrized as ``(Θ + Θᵀ)/2``;
@@ -133,12 +135,26 @@ def spectrum(
     mean_diag = jnp.mean(jnp.diagonal(k))
     reg = jnp.asarray(diag_reg, k.dtype) * (1.0 if diag_reg_absolute else mean_diag)
     k = 0.5 * (k + k.T) + reg * jnp.eye(m, dtype=k.dtype)
+    lam, vecs = _eigh64(k)
+    return _clip(lam, vecs, reg, default_rcond(m, k.dtype) if rcond is None else rcond)
+
+
+def _eigh64(k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``eigh`` computed in float64 and returned in ``k``'s dtype, wherever float64 exists.
+
+    Concrete: LAPACK on the host. Traced: in the program, upcast when
+    ``jax_enable_x64`` is on; without it the program has no float64 and the
+    kernel's own dtype is used (float32 then mixes modes within ~eps·λ_max of
+    each other, which matters at t = ∞ next to the cut-off: call eagerly, or
+    enable x64, for float64 accuracy there).
+    """
     if _validate.is_concrete(k):
         lam64, vecs64 = np.linalg.eigh(np.asarray(k, dtype=np.float64))
-        lam, vecs = jnp.asarray(lam64, k.dtype), jnp.asarray(vecs64, k.dtype)
-    else:
-        lam, vecs = jnp.linalg.eigh(k)
-    return _clip(lam, vecs, reg, default_rcond(m, k.dtype) if rcond is None else rcond)
+        return jnp.asarray(lam64, k.dtype), jnp.asarray(vecs64, k.dtype)
+    if jnp.finfo(k.dtype).bits < 64 and jax.config.jax_enable_x64:
+        lam, vecs = jnp.linalg.eigh(k.astype(jnp.float64))
+        return lam.astype(k.dtype), vecs.astype(k.dtype)
+    return jnp.linalg.eigh(k)
 
 
 def _clip(lam, vecs, reg, rel) -> Spectrum:

@@ -341,7 +341,8 @@ def call(g, **over):
         (dict(diag_reg=jnp.inf), "diag_reg"),
         (dict(learning_rate=jnp.array([1.0, 2.0])), "learning_rate"),
         (dict(rcond=-1e-3), "rcond"),
-        (dict(rcond=jnp.array(1e-3)), "rcond"),
+        (dict(rcond=jnp.array([1e-3])), "rcond"),  # a 0-d NumPy/JAX rcond is a scalar (issue 13 item 7)
+        (dict(rcond=jnp.array(1.5)), "rcond"),
         (dict(k_test_train=jnp.ones((4, 7, 2, 2))), "k_test_train, fx_test_0"),
         (dict(k_test_train=jnp.ones((4, 7)), fx_test_0=jnp.ones((4, 2))), "k_test_train"),
         (dict(k_test_train=jnp.ones((4, 6, 2, 2)), fx_test_0=jnp.ones((4, 2))), "k_test_train"),

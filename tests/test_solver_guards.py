@@ -14,7 +14,6 @@ import pytest
 from conftest import linear_apply, make_linear_problem
 
 import ntkdyn
-from ntkdyn.kernels import flatten_kernel
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +56,43 @@ def test_round_off_negative_eigenvalues_are_accepted(problem):
     tr, _ = ntkdyn.function_space(k, jnp.zeros((8, 1), jnp.float32), linear_apply(params, x), jnp.inf)
     assert bool(jnp.all(jnp.isfinite(tr)))
     assert np.isfinite(float(ntkdyn.max_learning_rate(k)))
+
+
+def test_regularizer_does_not_hide_an_indefinite_kernel(problem):
+    """Θ with λ_min = −1.5·tol·λ_max: diag_reg = 0.1 made Θ + reg·I PSD and it used to pass silently."""
+    k = problem["k"]
+    lam = np.linalg.eigvalsh(np.asarray(k))
+    bad = indefinite_like(k, 1.5 * ntkdyn._validate.psd_tolerance(lam.size, k.dtype))
+    with pytest.raises(ValueError, match="^k_train_train: expected a positive semi-definite kernel"):
+        ntkdyn.function_space(bad, problem["y"], problem["f0"], 1.0, diag_reg=0.1)
+    with pytest.raises(ValueError, match="^k_train_train: expected a positive semi-definite kernel"):
+        ntkdyn.max_learning_rate(bad, diag_reg=0.1)
+    traced = jax.jit(lambda kk: ntkdyn.function_space(kk, problem["y"], problem["f0"], 1.0, diag_reg=0.1)[0])
+    assert bool(jnp.all(jnp.isnan(traced(bad))))
+    assert bool(jnp.isnan(jax.jit(lambda kk: ntkdyn.max_learning_rate(kk, diag_reg=0.1))(bad)))
+    # a PSD kernel under a large regularizer is not mistaken for an indefinite one
+    assert bool(jnp.all(jnp.isfinite(ntkdyn.function_space(k, problem["y"], problem["f0"], 1.0, diag_reg=1e6)[0])))
+
+
+def test_metric_does_not_hide_an_indefinite_kernel(problem):
+    """A metric whose range leaves out Θ's negative direction made P Θ P PSD: Θ itself is checked."""
+    bad = indefinite_like(problem["k"], 0.5)
+    w, v = np.linalg.eigh(np.asarray(bad))
+    metric = jnp.asarray(np.eye(w.size) - np.outer(v[:, 0], v[:, 0]))
+    with pytest.raises(ValueError, match="^k_train_train: expected a positive semi-definite kernel"):
+        ntkdyn.function_space(bad, problem["y"], problem["f0"], 1.0, metric=metric)
+    traced = jax.jit(lambda kk: ntkdyn.function_space(kk, problem["y"], problem["f0"], 1.0, metric=metric)[0])
+    assert bool(jnp.all(jnp.isnan(traced(bad))))
+    assert bool(jnp.all(jnp.isfinite(traced(problem["k"]))))
+
+
+def test_traced_max_learning_rate_is_nan_for_what_the_eager_checks_reject(problem):
+    k = np.array(problem["k"])
+    asym = k.copy()
+    asym[0, 1] += 0.2 * np.abs(k).max()
+    assert bool(jnp.isnan(jax.jit(ntkdyn.max_learning_rate)(jnp.asarray(asym))))
+    limit = jax.jit(lambda r: ntkdyn.max_learning_rate(problem["k"], diag_reg=r))
+    assert np.isfinite(float(limit(0.0))) and bool(jnp.isnan(limit(-0.01)))
 
 
 def test_asymmetric_kernel_is_rejected(problem):
@@ -122,9 +158,11 @@ def test_parameter_space_with_negative_traced_time_gives_nan_weights(problem):
 # ------------------------------------------------------------------ item 5
 
 
-def test_float32_infinite_time_next_to_the_cut_off_matches_the_float64_oracle():
+@pytest.mark.parametrize("jit", [False, True])
+def test_float32_infinite_time_next_to_the_cut_off_matches_the_float64_oracle(jit):
     """Kept eigenvalue at 1.2× the float32 cut-off, six null modes at 0.8×: the float32 answer is the
-    float64 one (a float32 eigh mixes these modes: 4e-2·|r₀| off on train, 3e-2 on test outputs)."""
+    float64 one, eagerly and under jit (a float32 eigh mixes these modes: 4e-2·|r₀| off on train, 3e-2
+    on test outputs; under jit it ran in float32 until the program upcast it with x64 on)."""
     rng = np.random.default_rng(1)
     m = 40
     q, _ = np.linalg.qr(rng.standard_normal((m, m)))
@@ -134,8 +172,12 @@ def test_float32_infinite_time_next_to_the_cut_off_matches_the_float64_oracle():
     w[-7] = 1.2 * cutoff
     k32 = ((q * w) @ q.T).astype(np.float32)
     r0 = rng.standard_normal((m, 1)).astype(np.float32)
-    tr, te = ntkdyn.function_space(jnp.asarray(k32), np.zeros((m, 1), np.float32), r0, jnp.inf,
-                                   k_test_train=jnp.asarray(k32[:5]), fx_test_0=np.zeros((5, 1), np.float32))
+
+    def solve(k, f0):
+        return ntkdyn.function_space(k, jnp.zeros((m, 1), jnp.float32), f0, jnp.inf, k_test_train=k[:5],
+                                     fx_test_0=jnp.zeros((5, 1), jnp.float32))
+
+    tr, te = (jax.jit(solve) if jit else solve)(jnp.asarray(k32), jnp.asarray(r0))
     k64 = k32.astype(np.float64)
     lam, vec = np.linalg.eigh(k64)
     keep = lam > cutoff * lam[-1]
@@ -174,6 +216,26 @@ def test_numpy_and_jax_scalar_learning_rates(problem, lr):
     tr, _ = ntkdyn.function_space(problem["k"], problem["y"], problem["f0"], 3.0, learning_rate=lr)
     ref, _ = ntkdyn.function_space(problem["k"], problem["y"], problem["f0"], 3.0, learning_rate=0.5)
     np.testing.assert_allclose(tr, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rcond", [np.float32(1e-6), jnp.float32(1e-6), np.array(1e-6), jnp.asarray(1e-6)])
+def test_numpy_and_jax_scalar_rcond(problem, rcond):
+    tr, _ = ntkdyn.function_space(problem["k"], problem["y"], problem["f0"], jnp.inf, rcond=rcond)
+    ref, _ = ntkdyn.function_space(problem["k"], problem["y"], problem["f0"], jnp.inf, rcond=float(rcond))
+    np.testing.assert_array_equal(tr, ref)
+
+
+def test_a_kernel_that_overflowed_names_the_parameters(problem):
+    """parameter_space computes Θ itself: a non-finite Θ blamed k_train_train, which the user never passed."""
+    def net(p, x):
+        return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+    params = {"w1": jnp.full((8, 3), 0.1, jnp.float32), "w2": jnp.full((3, 1), 1e20, jnp.float32)}
+    x = problem["x"].astype(jnp.float32)
+    with pytest.raises(ValueError, match="^params0: the empirical NTK computed from params0 on x failed its check"):
+        ntkdyn.parameter_space(net, params, x, problem["y"].astype(jnp.float32), 1.0)
+    with pytest.raises(ValueError, match="^k_train_train: expected finite values"):  # a kernel the user passed
+        ntkdyn.parameter_space(net, params, x, problem["y"], 1.0, k_train_train=jnp.full((6, 6), jnp.inf))
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.6])

@@ -252,7 +252,10 @@ def _coefficients(alphas, betas, k, scale, beta0, times, *, lr, n, time, momentu
     t = ∞: Ritz values at or below ``rcond · θ_max`` are exact zeros (module docstring).
     """
     theta, vecs, live = _ritz(alphas, betas, k, scale)
-    theta_max = jnp.max(jnp.where(live, theta, 0.0))
+    # an operator that overflowed leaves non-finite entries in T_k, which the live test would hide: θ_max NaN
+    broken = ~(jnp.all(jnp.isfinite(alphas)) & jnp.all(jnp.isfinite(betas)) & jnp.isfinite(scale)
+               & jnp.all(jnp.isfinite(theta)) & jnp.all(jnp.isfinite(beta0)))
+    theta_max = jnp.where(broken, jnp.nan, jnp.max(jnp.where(live, theta, 0.0)))
     cutoff = jnp.asarray(rcond, theta.dtype) * theta_max
     lam = jnp.where(live, jnp.maximum(theta, 0.0), 0.0)  # (c, M)
     null = (~live) | (lam <= cutoff)
@@ -713,17 +716,22 @@ def prediction_program(
     executes. The data are padded, and placed on the mesh, here.
     """
     from ntkdyn.kernels import sharding
+    from ntkdyn.kernels.empirical import check_rows
 
     mesh = sharding.check_mesh(mesh)
     n_train, outputs = y.shape
-    dtype = jnp.result_type(jax.eval_shape(lambda m, p, xx: m(p, xx), model, params, x[:1]).dtype)
+    dtype = jnp.result_type(jax.eval_shape(lambda m, p, xx: m(p, xx), model, params, x).dtype)
     n_local = -(-n_train // mesh.size)
+    use_mean_diagonal = bool(not diag_reg_absolute and (not _validate.is_concrete(diag_reg) or float(diag_reg) != 0.0))
+    if tile_size is None or use_mean_diagonal:  # the memory model and tr Θ's per-example Jacobians use one input
+        check_rows(model, params, x, 1, outputs)
     if tile_size is None:
         columns = max(1 if not trace_outputs else outputs, np.shape(times)[0]) * (outputs if trace_outputs else 1)
         tile = default_tile(model, params, x[:n_local], columns)
     else:
         tile = _validate.count("tile_size", tile_size)
     tile = int(min(tile, max(n_local, 1)))
+    check_rows(model, params, x, tile, outputs)  # every VJP/JVP call holds tile rows
     params_size = sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(params))
     trace_tile = _divisor_at_most(tile, max(1, 2**24 // max(1, params_size * outputs)))
     n_pad = sharding.padded_size(n_train, mesh, tile)
@@ -742,7 +750,6 @@ def prediction_program(
 
     rep = lambda a: sharding.place(a, mesh, PartitionSpec())  # noqa: E731
     rcond = spectral.default_rcond(n_train * outputs, dtype) if rcond is None else float(rcond)
-    use_mean_diagonal = bool(not diag_reg_absolute and (not _validate.is_concrete(diag_reg) or float(diag_reg) != 0.0))
     args = (
         jax.tree_util.tree_map(rep, model), jax.tree_util.tree_map(rep, params), x_p, mask, y_p, xt_p, mt,
         rep(jnp.asarray(times, dtype)), rep(jnp.asarray(learning_rate, dtype)), rep(jnp.asarray(diag_reg, dtype)),

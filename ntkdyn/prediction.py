@@ -21,10 +21,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from ntkdyn import _validate, krylov
-from ntkdyn.dynamics import _check_discrete_rate, _drop_time_axis, solve, weights_from_alpha
+from ntkdyn.dynamics import _check_discrete_rate, _drop_time_axis, computed_kernels, solve, weights_from_alpha
 from ntkdyn.kernels import empirical_ntk, output_shape
 from ntkdyn.kernels.planner import available_memory
 from ntkdyn.kernels.precision import normalize as _precision
@@ -222,7 +223,7 @@ def predict(
         x_test = _test_inputs(x_test, x)
     tol, max_iter = _krylov_options(solver, tol, max_iter, ntk_method)
     if solver == "auto":
-        itemsize = jnp.dtype(jax.eval_shape(apply_fn, p0, x[:1]).dtype).itemsize
+        itemsize = jnp.dtype(jax.eval_shape(apply_fn, p0, x).dtype).itemsize
         solver = choose_solver(n_train, outputs, trace_outputs=trace_outputs, itemsize=itemsize)
         if solver == "krylov":
             _krylov_options(solver, tol, max_iter, ntk_method)
@@ -242,10 +243,11 @@ def predict(
     if x_test is not None:
         fx_test_0 = _outputs("x_test", apply_fn, p0, x_test)
         k_st = empirical_ntk(apply_fn, p0, x_test, x, **ntk)
-    sol = solve(
-        k_tt, y, fx_train_0, t, k_test_train=k_st, fx_test_0=fx_test_0, learning_rate=learning_rate,
-        momentum=momentum, diag_reg=diag_reg, diag_reg_absolute=diag_reg_absolute, time=time, rcond=rcond,
-    )
+    with computed_kernels("params"):
+        sol = solve(
+            k_tt, y, fx_train_0, t, k_test_train=k_st, fx_test_0=fx_test_0, learning_rate=learning_rate,
+            momentum=momentum, diag_reg=diag_reg, diag_reg_absolute=diag_reg_absolute, time=time, rcond=rcond,
+        )
     theta = weights_from_alpha(apply_fn, p0, x, sol.alpha) if weights else None
     return _trajectory(
         times, scalar, sol.train, sol.test, theta, ntk_train_train=k_tt, ntk_test_train=k_st, spectrum=sol.spectrum,
@@ -299,9 +301,18 @@ def _predict_krylov(
 
 
 def _finite_outputs(out: krylov.KrylovPrediction) -> None:
+    """ValueError naming ``params`` for non-finite outputs at θ₀, or a kernel operator that overflowed."""
     for name, value in (("x", out.fx_train_0), ("x_test", out.fx_test_0)):
         if value is not None and _validate.is_concrete(value) and not bool(jnp.all(jnp.isfinite(value))):
             raise ValueError(f"params: expected parameters whose outputs on {name} are finite, got NaN/inf outputs")
+    info = out.info
+    if _validate.is_concrete((info.max_eigenvalue, info.reg)) and not (
+        np.isfinite(float(info.max_eigenvalue)) and np.isfinite(float(info.reg))
+    ):
+        raise ValueError(
+            "params: expected parameters whose outputs and NTK on x stay finite in their dtype, got NaN/inf "
+            "in the Krylov solve (an overflow of the residual's norm or of the J Jᵀ products)"
+        )
 
 
 def _check_steps(info: krylov.KrylovInfo, lr, beta: float, n: int, time: str, times) -> None:

@@ -223,6 +223,24 @@ def test_non_finite_inputs_are_errors_naming_the_users_argument():
         compare(linear_apply, params, x, y, steps=3, learning_rate=0.1, x_test=np.full_like(xt, np.nan))
 
 
+def test_kernel_overflow_and_bad_batch_sizes_name_the_users_arguments():
+    """Finite float32 params whose Jacobian overflows: inf metrics came back (read as divergence). A model right
+    on X only crashed inside the program on the X ∪ X* batch the kernel is computed on."""
+    x, y, xt, _ = data(k=2)
+
+    def net(p, xx):
+        return jnp.tanh(xx @ p["w1"]) @ p["w2"]
+
+    big = {"w1": jnp.full((3, 4), 0.1, jnp.float32), "w2": jnp.full((4, 2), 1e20, jnp.float32)}
+    with pytest.raises(ValueError, match="^params0: expected parameters whose NTK on x_train is finite"):
+        compare(net, big, x.astype(np.float32), y.astype(np.float32), steps=2, learning_rate=1e-3,
+                record_at=[0, 2])
+    params, x, y, xt, yt = linear_case()
+    fixed = lambda p, xx: linear_apply(p, xx).reshape(x.shape[0], -1)  # noqa: E731  -- only N rows work
+    with pytest.raises(ValueError, match=rf"^apply_fn: expected apply_fn.* on a batch of {xt.shape[0]}:"):
+        compare(fixed, params, x, y, steps=2, learning_rate=0.1, x_test=xt, y_test=yt, record_at=[0, 2])
+
+
 @pytest.mark.parametrize("lr", [np.float64(0.25), jnp.float32(0.25), jnp.asarray(0.25), np.int64(1)])
 def test_numpy_and_jax_scalar_learning_rates_give_the_python_float_answer(lr):
     """issue 13 item 7 (the settings of test_linear_model_every_gap_is_round_off: one compilation)."""

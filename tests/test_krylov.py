@@ -275,6 +275,17 @@ def test_predict_krylov_warns_when_not_converged():
     assert int(kry.iterations) == 2 and np.max(kry.error_estimate) > kry.krylov_info.tol
 
 
+def test_predict_krylov_overflow_names_params():
+    """Finite float32 parameters whose outputs' norm overflows: NaN predictions came back without an error."""
+    def net(p, x):
+        return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+    params = {"w1": jnp.full((3, 4), 0.1, jnp.float32), "w2": jnp.full((4, 2), 1e20, jnp.float32)}
+    x, y, _ = _data(6, 2, np.float32)
+    with pytest.raises(ValueError, match="^params: expected parameters whose outputs and NTK on x stay finite"):
+        ntkdyn.predict(params, x, y, 1.0, apply_fn=net, solver="krylov")
+
+
 def test_solver_auto_picks_by_size():
     assert ntkdyn.prediction.choose_solver(500, 2, memory=2**34) == "eigh"
     assert ntkdyn.prediction.choose_solver(5000, 10, memory=2**34) == "krylov"

@@ -179,6 +179,35 @@ def test_output_rows_are_checked_on_the_whole_batch(method):
         kernels.ntk_vp(first_row, w, jnp.ones((6, 3)), None, jnp.ones((6, 1)))
 
 
+@pytest.mark.parametrize("method", ["jacobian", "ntvp", "structured"])
+def test_output_rows_are_checked_on_every_batch_size_the_tiles_use(method):
+    """Right shape on the whole batch only: a 2-row tile of a function that always returns 6 rows was trimmed
+    into a finite wrong kernel, and one that squeezes a 1-row batch to (K,) crashed with unrelated errors."""
+    w = jnp.arange(1.0, 7.0).reshape(3, 2)
+    x = jnp.linspace(-1.0, 1.0, 18).reshape(6, 3)
+    six_rows = lambda p, xx: jnp.broadcast_to(xx[:1] @ p, (6, 2))  # noqa: E731
+    with pytest.raises(ValueError, match="^apply_fn: expected apply_fn.* on a batch of 2: output has 6 rows"):
+        kernels.empirical_ntk(six_rows, w, x, method=method, tile_size=2)
+    squeezed = lambda p, xx: jnp.squeeze(xx @ p)  # noqa: E731  -- (2,) for one input
+    with pytest.raises(ValueError, match="^apply_fn: expected apply_fn.* on a batch of 1"):
+        kernels.empirical_ntk(squeezed, w, x, method=method, tile_size=1)
+    with pytest.raises(ValueError, match="^apply_fn: expected apply_fn.* on a batch of 1"):
+        kernels.empirical_ntk(squeezed, w, x, method=method, memory_limit=2**30)  # the planner's one-row trace
+    fixed = lambda p, xx: (xx @ p).reshape(6, -1)  # noqa: E731  -- raises on any other batch size
+    with pytest.raises(ValueError, match="^apply_fn: expected apply_fn.* on a batch of 4: cannot reshape"):
+        kernels.empirical_ntk(fixed, w, x, method=method, tile_size=4)
+    with pytest.raises(ValueError, match="^apply_fn: expected apply_fn.* on a batch of 2: output has 6 rows"):
+        kernels.ntk_vp(six_rows, w, x, None, jnp.ones((6, 2)), tile_size=2)
+    with pytest.raises(ValueError, match="^apply_fn: expected apply_fn.* on a batch of 1"):
+        kernels.ntk_vp(squeezed, w, x[:4], x, jnp.ones((6, 2)), memory_limit=2**30)
+    # a model that maps any batch correctly, with NumPy/JAX integer tile sizes
+    good = lambda p, xx: jnp.tanh(xx @ p)  # noqa: E731
+    whole = kernels.empirical_ntk(good, w, x, method=method, tile_size=None)
+    for tile in (np.int64(4), jnp.asarray(4), np.array(4)):
+        np.testing.assert_allclose(kernels.empirical_ntk(good, w, x, method=method, tile_size=tile), whole,
+                                   rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", ["auto", "jacobian", "ntvp", "structured"])
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
 def test_non_finite_params_name_params(small, method, bad):

@@ -100,6 +100,37 @@ def test_predict_bad_input(data):
         ntkdyn.predict(p, jnp.zeros((0, 4)), y[:0], 1.0, apply_fn=f)
 
 
+def test_errors_name_the_users_arguments_not_internal_ones(data):
+    """A kernel predict computed itself failed with 'k_train_train: ...', an argument the user never passed;
+    a 2-row Krylov call of a function that always returns 9 rows gave a reshape crash."""
+    x, y, _ = data
+
+    def net(p, xx):
+        return jnp.tanh(xx @ p["w1"]) @ p["w2"]
+
+    big = {"w1": jnp.full((4, 3), 0.1, jnp.float32), "w2": jnp.full((3, 2), 1e20, jnp.float32)}
+    with pytest.raises(ValueError, match="^params: the empirical NTK computed from params on x failed its check "
+                                         r"\(expected finite values"):
+        ntkdyn.predict(big, x.astype(jnp.float32), y.astype(jnp.float32), 1.0, apply_fn=net, solver="eigh")
+    nine_rows = lambda p, xx: jnp.broadcast_to(jnp.tanh(xx[:1] @ p["w1"]) @ p["w2"], (9, 2))  # noqa: E731
+    small = {"w1": jnp.full((4, 3), 0.1), "w2": jnp.ones((3, 2))}
+    with pytest.raises(ValueError, match="^apply_fn: expected apply_fn.* on a batch of 2: output has 9 rows"):
+        ntkdyn.predict(small, x, y, 1.0, apply_fn=nine_rows, solver="krylov", tile_size=2)
+
+
+@pytest.mark.parametrize("solver", ["eigh", "krylov"])
+def test_numpy_and_jax_scalars_for_every_option(data, solver):
+    x, y, xt = data
+    f, p = models.mlp(4, 2, width=8, depth=1, dtype=jnp.float64)
+    extra = dict(max_iter=jnp.asarray(18), tile_size=np.int64(3)) if solver == "krylov" else dict(tile_size=np.array(4))
+    got = ntkdyn.predict(p, x, y, jnp.float32(3.0), apply_fn=f, x_test=xt, learning_rate=np.float32(0.5),
+                         diag_reg=jnp.asarray(0.01), rcond=jnp.float32(1e-12), solver=solver, **extra)
+    extra = dict(max_iter=18, tile_size=3) if solver == "krylov" else dict(tile_size=4)
+    ref = ntkdyn.predict(p, x, y, 3.0, apply_fn=f, x_test=xt, learning_rate=0.5, diag_reg=0.01,
+                         rcond=float(jnp.float32(1e-12)), solver=solver, **extra)
+    np.testing.assert_allclose(got.fx_test, ref.fx_test, rtol=1e-6, atol=1e-9)
+
+
 class _CompileCounter(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)

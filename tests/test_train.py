@@ -193,6 +193,23 @@ def test_numpy_and_jax_scalar_learning_rates_are_accepted(lr):
     np.testing.assert_array_equal(got.loss, ref.loss)
 
 
+@pytest.mark.parametrize("kind", [np.int64, np.array, jnp.asarray, jnp.int32])
+def test_numpy_and_jax_integers_for_steps_seed_and_batch_size(kind):
+    params, x, y, _ = problem()
+    ref = train(linear_apply, params, x, y, steps=4, learning_rate=0.1, seed=2, batch_size=3, record_at=[0, 4])
+    got = train(linear_apply, params, x, y, steps=kind(4), learning_rate=0.1, seed=kind(2), batch_size=kind(3),
+                record_at=[0, 4])
+    np.testing.assert_array_equal(got.loss, ref.loss)
+
+
+def test_test_inputs_must_map_to_one_output_row_each():
+    """f(θ, X*) is recorded: a model right on X's row count only gave wrong-shaped (or crashing) records."""
+    params, x, y, xt = problem()
+    nine_rows = lambda p, xx: jnp.broadcast_to(linear_apply(p, xx[:1]), (9, 2))  # noqa: E731
+    with pytest.raises(ValueError, match="^apply_fn: expected apply_fn.* on a batch of 5: output has 9 rows"):
+        train(nine_rows, params, x, y, steps=2, learning_rate=0.1, x_test=xt)
+
+
 def test_nan_in_params_or_data_is_an_error_naming_it():
     params, x, y, xt = problem()
     bad = {**params, "b": params["b"].copy()}

@@ -46,6 +46,7 @@ from ntkdyn import _validate, spectral
 from ntkdyn.dynamics import UnstableLearningRateWarning, max_learning_rate, solve, weights_from_alpha
 from ntkdyn.experiments import train as _train
 from ntkdyn.kernels import empirical_ntk
+from ntkdyn.kernels.empirical import check_rows
 from ntkdyn.linearization import linearize
 from ntkdyn.models import as_model
 
@@ -573,6 +574,9 @@ def _prepare(model, params0, x_train, y_train, *, steps, learning_rate, x_test, 
         batch_size=batch_size, seed=seed, loss=loss,
     )
     _check_optimizer(optimizer, beta, inputs.learning_rate)
+    if inputs.x_test is not None:  # Θ₀ is computed on X ∪ X* in one batch
+        check_rows(model, params0, inputs.x_train, inputs.x_train.shape[0] + inputs.x_test.shape[0],
+                   inputs.output.shape[1])
     if y_test is not None:
         if inputs.x_test is None:
             raise ValueError("y_test: given without x_test")
@@ -590,10 +594,19 @@ def _prepare(model, params0, x_train, y_train, *, steps, learning_rate, x_test, 
     return arrays, inputs, beta, recorded
 
 
-def _finish(result: Comparison, recorded, *, lr_relative: bool, time: str) -> Comparison:
-    """Recorded steps as integers; the lr_relative error and the stability warning."""
+def _finish(result: Comparison, recorded, *, lr_relative: bool, time: str, owner: str = "params0") -> Comparison:
+    """Recorded steps as integers; a non-finite kernel, the lr_relative error and the stability warning.
+
+    The stability limit is NaN only when Θ₀ itself is not finite (every other
+    input was checked eagerly): the Jacobian at ``owner`` overflowed.
+    """
     result = result.replace(steps=jnp.asarray(recorded))
     limit, lr = float(result.max_learning_rate), float(result.learning_rate)
+    if np.isnan(limit):
+        raise ValueError(
+            f"{owner}: expected parameters whose NTK on x_train is finite, got NaN/inf kernel entries "
+            "(the Jacobian overflows the dtype)"
+        )
     if lr_relative and not np.isfinite(limit):
         raise ValueError("lr_relative: the kernel is zero, so there is no stability limit to scale by")
     if time == "discrete" and lr > limit and result.closed_form:
@@ -781,7 +794,8 @@ def compare_seeds(
     model, params, key = _stack_members(members, seeds, arrays[0], arrays[1], arrays[8])
     batched_arrays = (model, params, *arrays[2:8], key, *arrays[9:])
     result = _compare_many(*batched_arrays, **_static(inputs, recorded, beta, time=time, **statics))
-    return [_finish(one, recorded, lr_relative=lr_relative, time=time) for one in result]
+    return [_finish(one, recorded, lr_relative=lr_relative, time=time, owner=f"members[{i}]")
+            for i, one in enumerate(result)]
 
 
 def _signature(tree) -> tuple:

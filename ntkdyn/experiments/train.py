@@ -34,6 +34,7 @@ from flax import struct
 
 from ntkdyn import _validate
 from ntkdyn.kernels import output_shape
+from ntkdyn.kernels.empirical import check_rows
 from ntkdyn.models import Model, as_model
 
 __all__ = [
@@ -219,6 +220,7 @@ def check_inputs(
                 f"x_test: expected trailing shape {tuple(x_train.shape[1:])} to match x_train, "
                 f"got {tuple(x_test.shape[1:])}"
             )
+        check_rows(model, params0, x_train, x_test.shape[0], out[1])  # f(θ, X*) is recorded too
     if optimizer is not None and not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer: expected an optax GradientTransformation, got {type(optimizer).__name__}")
     if learning_rate is None:
@@ -236,7 +238,7 @@ def check_inputs(
         if batch_size > n:
             raise ValueError(f"batch_size: expected None or an integer in [1, N={n}], got {batch_size}")
     seed = _validate.count("seed", seed, 0)
-    dtype = jax.eval_shape(model, params0, x_train[:1]).dtype
+    dtype = jax.eval_shape(model, params0, x_train).dtype
     return Inputs(x_train, y_train, x_test, steps, learning_rate, batch_size, seed,
                   jax.ShapeDtypeStruct(tuple(out), dtype))
 

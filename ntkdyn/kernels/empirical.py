@@ -51,6 +51,34 @@ def output_shape(apply_fn: ApplyFn, params: Any, x) -> tuple[int, int]:
     return _output_of(as_model(apply_fn), params, x if hasattr(x, "shape") else jnp.asarray(x))[0]
 
 
+def check_rows(model, params, x, rows: int, k: int) -> None:
+    """ValueError naming ``apply_fn`` unless a batch of ``rows`` inputs like ``x`` maps to ``(rows, k)``.
+
+    Tiles, chunks, device shares and the cost model evaluate the model on
+    batches of other sizes than the whole one (whose output :func:`output_shape`
+    checks): every size actually used must give one row per input and the
+    same K, or the assembled kernel would be silently wrong. Shapes only
+    (cached per model graph and shapes); the whole batch itself is skipped.
+    """
+    if rows == np.shape(x)[0]:
+        return
+    try:
+        (_, got), _ = _output_of(model, params, costs.example_rows(x, rows))
+    except Exception as err:  # noqa: BLE001 -- whatever the model raises on this batch size, name apply_fn
+        detail = str(err).split("\n")[0]
+        if detail.startswith("apply_fn: "):
+            detail = detail[len("apply_fn: "):]
+        raise ValueError(
+            f"apply_fn: expected apply_fn(params, x) to map any batch of n inputs to (n, K) (tiles, chunks and "
+            f"the cost model evaluate it on batches of {rows}); on a batch of {rows}: {detail}"
+        ) from err
+    if got != k:
+        raise ValueError(
+            f"apply_fn: output has {got} columns for a batch of {rows} inputs but {k} for the whole batch; "
+            "apply_fn(params, x) must map any batch of n inputs to (n, K)"
+        )
+
+
 @jax.jit
 def _all_finite(params) -> jax.Array:
     """Whether every parameter is finite: NaN/inf make the sum of a leaf non-finite (one fused pass)."""
@@ -84,13 +112,15 @@ def _inputs(apply_fn, params, x1, x2):
 
 
 def _tile_size(tile_size) -> int | str | None:
+    """None, ``"auto"`` or a concrete integer >= 1 (Python, NumPy or JAX scalar) as a Python int."""
     if isinstance(tile_size, str) and tile_size == "auto":
         return tile_size
-    if tile_size is not None and (
-        isinstance(tile_size, bool) or not isinstance(tile_size, (int, np.integer)) or tile_size < 1
-    ):
-        raise ValueError(f"tile_size: expected None, 'auto' or an integer >= 1, got {tile_size!r}")
-    return None if tile_size is None else int(tile_size)
+    if tile_size is None:
+        return None
+    try:
+        return _validate.count("tile_size", tile_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"tile_size: expected None, 'auto' or an integer >= 1, got {tile_size!r}") from None
 
 
 def _check_fits(memory: float, budget: float, tile: int | None, what: str) -> None:
@@ -115,6 +145,8 @@ def _resolve(model, params, x1, x2, symmetric, k, trace_outputs, method, tile_si
             )
     tile_size = _tile_size(tile_size)
     auto_tile = tile_size == "auto"
+    if method == "auto" or auto_tile or memory_limit is not None:
+        check_rows(model, params, x1, 1, k)  # the cost model traces one input
     budget = None
     if auto_tile or memory_limit is not None:
         limit = planner.memory_budget(memory_limit)
@@ -212,15 +244,18 @@ def empirical_ntk(
 
     Raises:
       ValueError naming ``apply_fn`` when its output is not (N, K) with one row
-      per input, ``params`` / ``x1`` / ``x2`` for non-finite values (checked
-      when concrete), ``memory_limit`` / ``tile_size`` for budgets that cannot
-      be met; TypeError for non-float params or an option the method lacks.
+      per input, on the whole batch or on a batch size the tiles or the cost
+      model use (:func:`check_rows`); ``params`` / ``x1`` / ``x2`` for
+      non-finite values (checked when concrete), ``memory_limit`` /
+      ``tile_size`` for budgets that cannot be met; TypeError for non-float
+      params or an option the method lacks.
     """
     precision = normalize(precision)
     model, x1, x2, symmetric, k = _inputs(apply_fn, params, x1, x2)
     method, tile_size = _resolve(
         model, params, x1, x2, symmetric, k, trace_outputs, method, tile_size, memory_limit, method_options
     )
+    _check_tile_rows(model, params, x1, x2, k, tile_size, mesh)
     if mesh is not None:
         from ntkdyn.kernels import sharding
 
@@ -233,6 +268,18 @@ def empirical_ntk(
         return tile(x1, x2, same=symmetric)
     concrete = _validate.is_concrete((model, params, x1, x2, method_options))  # e.g. a sketch key under vmap
     return tiled(tile, x1, x2, tile_size, trace_outputs=trace_outputs, symmetric=symmetric, concrete=concrete)
+
+
+def _check_tile_rows(model, params, x1, x2, k: int, tile_size: int | None, mesh) -> None:
+    """:func:`check_rows` for the batches the tiles will hold (padded to ``tile_size``; a device's share of x1)."""
+    n1, n2 = x1.shape[0], x2.shape[0]
+    if mesh is not None:
+        from ntkdyn.kernels import sharding
+
+        n1 = -(-n1 // sharding.check_mesh(mesh).size)  # this device's rows (x1 padded to a multiple of the devices)
+        check_rows(model, params, x1, n1, k)
+    if tile_size is not None and tile_size < max(n1, n2):
+        check_rows(model, params, x1, tile_size, k)
 
 
 def _vp_vector(v, n2: int, k: int, trace_outputs: bool) -> tuple[jax.Array, bool]:
@@ -291,7 +338,10 @@ def ntk_vp(
     tile_size = _tile_size(tile_size)
     budget = planner.memory_budget(memory_limit) if (tile_size == "auto" or memory_limit is not None) else None
     columns = vm.shape[-1] * (k if trace_outputs else 1)
+    if budget is not None:
+        check_rows(model, params, x1, 1, k)  # the memory model traces one input
     chunk = planner.chunk_size(model, params, x1, x2, columns, tile_size, budget)
+    check_rows(model, params, x1, chunk, k)  # both sides are cut (and padded) into chunks of this size
     out_dtype = _output_of(model, params, x1)[1]
     out = ntk_vp_chunked(model, params, x1, x2, vm.astype(out_dtype), trace_outputs=trace_outputs,
                          tile_size=chunk, precision=precision)

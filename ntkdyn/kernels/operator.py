@@ -25,14 +25,14 @@ def ntk_vp_chunked(model: Model, params: Any, x1, x2, v, *, trace_outputs: bool,
     """``Θ(x1, x2) v`` for v (N2, K, M) — or (N2, M) traced — with ``tile_size`` inputs per VJP/JVP call."""
     b = tile_size
     n1, n2 = x1.shape[0], x2.shape[0]
-    k = jax.eval_shape(lambda m, p, xx: m(p, xx), model, params, x2[:1]).shape[1]
+    xs2 = chunks(x2, b)
+    k = jax.eval_shape(lambda m, p, xx: m(p, xx), model, params, xs2[0]).shape[1]  # a chunk, as the loops see it
     if trace_outputs:
         # column (k, m) of the cotangents is v[:, m] placed on output k only
         cot = jnp.einsum("jm,lk->jlkm", v, jnp.eye(k, dtype=v.dtype)).reshape(n2, k, k * v.shape[-1])
     else:
         cot = v  # (N2, K, M)
     m = cot.shape[-1]
-    xs2 = chunks(x2, b)
     cs2 = jnp.concatenate([cot, jnp.zeros((xs2.shape[0] * b - n2, k, m), cot.dtype)]).reshape(xs2.shape[0], b, k, m)
 
     def pull(acc, xc):

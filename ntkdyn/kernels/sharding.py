@@ -204,7 +204,7 @@ def local_traced_matvec(model, params, x, mask, v, *, axes: Axes, tile: int, x_o
     K·c VJP/JVP columns: column (k, j) carries ``v[:, j]`` on output k only.
     """
     n, c = v.shape
-    k = jax.eval_shape(lambda m, p, xx: m(p, xx), model, params, x[:1]).shape[1]
+    k = jax.eval_shape(lambda m, p, xx: m(p, xx), model, params, _blocks(x, tile)[0]).shape[1]  # a call's batch
     cot = jnp.einsum("nj,lk->nlkj", v, jnp.eye(k, dtype=v.dtype)).reshape(n, k, k * c)
     out = local_matvec(model, params, x, mask, cot, axes=axes, tile=tile, x_out=x_out, mask_out=mask_out)
     return jnp.einsum("nkkj->nj", out.reshape(out.shape[0], k, k, c)) / k
@@ -228,7 +228,7 @@ def local_squared_jacobian_norm(model, params, x, mask, *, axes: Axes, tile: int
         sq = jax.vmap(one)(xb)
         return acc + jnp.sum(sq * mb.astype(sq.dtype)), None
 
-    dtype = jax.eval_shape(lambda m, p, xx: m(p, xx), model, params, x[:1]).dtype
+    dtype = jax.eval_shape(lambda m, p, xx: m(p, xx), model, params, _blocks(x, tile)[0]).dtype
     total, _ = jax.lax.scan(chunk, jnp.zeros((), dtype), (_blocks(x, tile), _blocks(mask, tile)))
     return all_sum(total, axes)
 

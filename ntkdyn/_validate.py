@@ -357,6 +357,25 @@ def params_tree(name: str, params: Any, *, values: bool = True) -> None:
         finite(name, leaves)
 
 
+def traced_symmetric_psd(mat, *, psd: bool = True) -> jax.Array:
+    """Traced twin of :func:`symmetric_psd` (``psd=False``: of :func:`symmetric`): a boolean scalar.
+
+    Concrete matrices give ``True`` without computing anything: the eager
+    checks have raised already. For a traced ``(m, m)`` matrix: asymmetry
+    ``max|M − Mᵀ| <= tol·max|M|`` and, with ``psd``, ``λ_min >= −tol·max|λ|``
+    of its symmetric part (one ``eigvalsh``), ``tol`` from :func:`psd_tolerance`
+    — for ``nan_unless``, so an invalid traced kernel gives NaN.
+    """
+    if mat is None or is_concrete(mat) or mat.shape[0] == 0:
+        return jnp.asarray(True)
+    tol = psd_tolerance(mat.shape[0], mat.dtype)
+    ok = jnp.max(jnp.abs(mat - mat.T)) <= tol * jnp.max(jnp.abs(mat))
+    if psd:
+        lam = jnp.linalg.eigvalsh(0.5 * (mat + mat.T))
+        ok = ok & (lam[0] >= -tol * jnp.maximum(lam[-1], jnp.abs(lam[0])))
+    return ok
+
+
 def nan_unless(ok: jax.Array, tree: Any) -> Any:
     """``tree`` where ``ok`` holds, NaN everywhere else (the traced twin of a ValueError)."""
     return jax.tree_util.tree_map(

@@ -325,6 +325,11 @@ def gauss_newton_eigenvalues_from_ntk(k_train_train: jax.Array) -> jax.Array:
     the MSE Gauss-Newton spectrum comes from one (n × n) ``eigh`` of the full
     kernel (N, N, K, K) instead of a (P × P) problem. G has ``P − rank Θ``
     further zeros.
+
+    The kernel must be symmetric positive semi-definite (``ValueError`` naming
+    ``k_train_train`` otherwise, tolerance :func:`ntkdyn._validate.psd_tolerance`;
+    under ``jit``, NaN eigenvalues): an indefinite Θ is no ``J Jᵀ``, and its
+    negative eigenvalues would read as a Gauss-Newton spectrum.
     """
     kern = _validate.float_array("k_train_train", k_train_train)
     if kern.ndim != 4 or kern.shape[0] != kern.shape[1] or kern.shape[2] != kern.shape[3]:
@@ -333,8 +338,11 @@ def gauss_newton_eigenvalues_from_ntk(k_train_train: jax.Array) -> jax.Array:
             f"loses the cross-output blocks), got {tuple(kern.shape)}"
         )
     mat = flatten_kernel(kern)
+    _validate.finite("k_train_train", mat)
+    _validate.symmetric_psd("k_train_train", mat, what="kernel")
     n = mat.shape[0]
-    return jnp.linalg.eigvalsh(0.5 * (mat + mat.T))[::-1] / n
+    values = jnp.linalg.eigvalsh(0.5 * (mat + mat.T))[::-1] / n
+    return _validate.nan_unless(_validate.traced_symmetric_psd(mat), values)
 
 
 def max_stable_step(

@@ -661,7 +661,7 @@ def _check_kernel(name: str, k, rows: int, cols: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("time", "covariance", "n"))
 def _evaluate(spec, prior_tt, y, times, lr, diag_reg, dyn_st, prior_st, prior_ss, *, time: str,
-              covariance: bool, n: int):
+              covariance: bool, n: int, kernels_ok=True):
     """Means and covariances at every time from one spectrum of the (regularized) dynamics kernel."""
     lam, vecs, null = spec.eigenvalues, spec.eigenvectors, spec.null
     t = times[:, None]
@@ -686,7 +686,7 @@ def _evaluate(spec, prior_tt, y, times, lr, diag_reg, dyn_st, prior_st, prior_ss
             quad = jnp.einsum("tsm,mn,trn->tsr", ag, prior_eig, ag)
             cov_test = prior_ss[None] - cross - jnp.swapaxes(cross, 1, 2) + quad
             cov_test = 0.5 * (cov_test + jnp.swapaxes(cov_test, 1, 2))
-    ok = jnp.isfinite(lr) & (lr > 0) & jnp.isfinite(diag_reg) & (diag_reg >= 0)
+    ok = jnp.isfinite(lr) & (lr > 0) & jnp.isfinite(diag_reg) & (diag_reg >= 0) & kernels_ok
     ok_t = ok & (times >= 0)
     out = (mean_train, mean_test, cov_train, cov_test)
     return _validate.nan_unless(ok_t[:, None, None], out)
@@ -775,6 +775,12 @@ def ensemble(
 
     Returns:
       :class:`EnsemblePrediction` (a leading T axis for 1-D t).
+
+    Raises:
+      ValueError: a kernel that is not symmetric (``nngp_test_test``) or not
+        symmetric positive semi-definite (both training kernels), or a bad
+        hyper-parameter, each naming its argument. Under ``jax.jit`` the
+        same conditions make every output NaN instead.
     """
     if not isinstance(k_train_train, Kernels):
         raise TypeError(f"k_train_train: expected an ntkdyn.infinite.Kernels, got {type(k_train_train).__name__}")
@@ -823,9 +829,12 @@ def _ensemble(nngp_tt, ntk_tt, y, t, nngp_st, ntk_st, nngp_ss, *, learning_rate,
     n = n_train * y.shape[1]
     spec = spectral.spectrum(dyn_tt, diag_reg=jnp.asarray(reg, dtype), rcond=spectral.default_rcond(n, dtype))
     _check_discrete(spec, lr, n, times, time)
+    # under jit the eager kernel checks are skipped: an asymmetric or indefinite traced kernel gives NaN
+    kernels_ok = (_validate.traced_symmetric_psd(nngp_tt) & _validate.traced_symmetric_psd(ntk_tt)
+                  & _validate.traced_symmetric_psd(nngp_ss, psd=False))
     mean_train, mean_test, cov_train, cov_test = _evaluate(
         spec, nngp_tt, y, times.astype(dtype), jnp.asarray(lr, dtype), jnp.asarray(reg, dtype),
-        dyn_st, nngp_st, nngp_ss, time=time, covariance=bool(covariance), n=n,
+        dyn_st, nngp_st, nngp_ss, time=time, covariance=bool(covariance), n=n, kernels_ok=kernels_ok,
     )
     drop = (lambda a: a if a is None else a[0]) if scalar else (lambda a: a)
     return EnsemblePrediction(t=times[0] if scalar else times, mean_train=drop(mean_train),

@@ -278,3 +278,22 @@ def test_bad_input(problem):
         curvature.spectrum_recorder(tanh_mlp, x, y[:3])
     with pytest.raises(ValueError, match="num_iter"):
         curvature.spectrum_recorder(tanh_mlp, x, y, k=3, num_iter=2)
+
+
+def test_gauss_newton_spectrum_of_an_indefinite_or_asymmetric_kernel_is_refused():
+    """It used to return the negative eigenvalue as if it were part of a Gauss-Newton spectrum."""
+    j = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6)))
+    kern = (j @ j.T).reshape(4, 4, 1, 1)
+    good = curvature.gauss_newton_eigenvalues_from_ntk(kern)
+    np.testing.assert_allclose(jax.jit(curvature.gauss_newton_eigenvalues_from_ntk)(kern), good, rtol=1e-10)
+    top = float(good[0]) * 4
+    indefinite = kern - 1.5 * top * (jnp.ones((4, 4)) / 4).reshape(4, 4, 1, 1)
+    asymmetric = kern + 0.3 * top * jnp.triu(jnp.ones((4, 4)), 1).reshape(4, 4, 1, 1)
+    with pytest.raises(ValueError, match="^k_train_train: .*positive semi-definite"):
+        curvature.gauss_newton_eigenvalues_from_ntk(indefinite)
+    with pytest.raises(ValueError, match="^k_train_train: .*symmetric"):
+        curvature.gauss_newton_eigenvalues_from_ntk(asymmetric)
+    with pytest.raises(ValueError, match="^k_train_train: .*finite"):
+        curvature.gauss_newton_eigenvalues_from_ntk(kern.at[0, 0, 0, 0].set(jnp.nan))
+    for bad in (indefinite, asymmetric):
+        assert bool(jnp.all(jnp.isnan(jax.jit(curvature.gauss_newton_eigenvalues_from_ntk)(bad))))

@@ -475,3 +475,35 @@ def test_bad_hyper_parameters_raise():
     with pytest.warns(ntkdyn.UnstableLearningRateWarning):
         lam = np.linalg.eigvalsh(infinite.kernels(model, x).ntk)[-1]
         infinite.predict(model, x, y, 3.0, time="discrete", learning_rate=3 * 4 / lam)
+
+
+@pytest.mark.parametrize("bad", ["indefinite ntk", "asymmetric ntk", "indefinite nngp", "asymmetric nngp_test_test"])
+def test_invalid_traced_kernels_give_nan_under_jit(bad):
+    """ensemble under jit skips the eager kernel checks: an invalid kernel used to give finite numbers."""
+    model = _spec(models.MLP, 3, 1, width=4, depth=1)
+    x, xt = _inputs((4, 3)), _inputs((2, 3), seed=1)
+    y = jnp.arange(4.0).reshape(4, 1)
+    k, kst, kss = infinite.kernels(model, x), infinite.kernels(model, xt, x), infinite.kernels(model, xt).nngp
+
+    def run(ntk, nngp, nngp_ss):
+        return infinite.ensemble(k.replace(ntk=ntk, nngp=nngp), y, jnp.array([0.5, jnp.inf]), k_test_train=kst,
+                                 nngp_test_test=nngp_ss)
+
+    good = jax.jit(run)(k.ntk, k.nngp, kss)
+    eager = run(k.ntk, k.nngp, kss)
+    for a, b in zip(jax.tree_util.tree_leaves(good), jax.tree_util.tree_leaves(eager)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    top = float(np.linalg.eigvalsh(k.ntk)[-1])
+    v = jnp.ones(4) / 2.0
+    ntk, nngp, nngp_ss = k.ntk, k.nngp, kss
+    if bad == "indefinite ntk":
+        ntk = ntk - 1.5 * top * jnp.outer(v, v)
+    elif bad == "asymmetric ntk":
+        ntk = ntk + 0.3 * top * jnp.triu(jnp.ones((4, 4)), 1)
+    elif bad == "indefinite nngp":
+        nngp = nngp - 1.5 * float(np.linalg.eigvalsh(k.nngp)[-1]) * jnp.outer(v, v)
+    else:
+        nngp_ss = nngp_ss.at[0, 1].add(1.0)
+    out = jax.jit(run)(ntk, nngp, nngp_ss)
+    for name in ("mean_train", "mean_test", "cov_train", "cov_test"):
+        assert bool(jnp.all(jnp.isnan(getattr(out, name)))), name

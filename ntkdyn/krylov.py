@@ -97,15 +97,7 @@ divided by. When the spectrum has no gap at the cut-off (eigenvalues decaying
 smoothly through ``rcond · λ_max``, the usual case for an NTK at large N) the
 Ritz values near the cut-off converge slowly and so does ``α_∞``; the
 estimate then stays above ``tol`` and the warning says so — never a silent
-wrong answer. At t = ∞ the estimate also holds what the cut itself may get
-wrong: the weight of every Ritz pair whose residual ``β_k|s_ki|`` reaches
-across the cut-off, and the share ``residual/gap`` of the others that may
-belong to a mode on the other side (:func:`_cut_ambiguity`). The part above
-round-off keeps the iteration going; the round-off part (``2·eps·θ_max`` —
-in float32 a mode within a few eps·λ_max of the cut-off cannot be placed)
-joins the floor. Measured on float32 spectra with modes at 0.5–2× the
-cut-off: the error was up to 145× the old estimate, and is now at most 0.24×
-it. ``diag_reg > 0`` gives the limit a well-conditioned kernel.
+wrong answer. ``diag_reg > 0`` gives the limit a well-conditioned kernel.
 
 Columns: ``r₀`` is an (m, c) array of c independent right-hand sides sharing
 one operator call per step (c = 1 for the full kernel on the flattened (N·K,)
@@ -283,49 +275,7 @@ def _coefficients(alphas, betas, k, scale, beta0, times, *, lr, n, time, momentu
     # how much α_t can amplify round-off: θ_max · max G(θ, t) (κ at t = ∞, about ηθ_max t/n before)
     amplification = jnp.maximum(1.0, theta_max * jnp.max(gain, axis=(1, 2)))
     return (jnp.where(live_rows, c_fit, 0.0), jnp.where(live_rows, c_gain, 0.0), ritz, theta_max, cutoff,
-            amplification, _cut_ambiguity(lam, vecs, live, first, betas, k, cutoff, theta_max))
-
-
-def _cut_ambiguity(lam, vecs, live, first, betas, k, cutoff, theta_max):
-    """What the t = ∞ cut can get wrong: per Ritz pair, how much of it may belong on the other side of the cut-off.
-
-    A Ritz pair ``(θ_i, y_i)`` has residual ``ρ_i = ‖A y_i − θ_i y_i‖ = β_k |s_ki|``
-    (s_ki: the last entry of its eigenvector of T_k), on top of the round-off
-    of the Lanczos relation, ``δ = 2·eps·θ_max`` (what the breakdown test calls
-    round-off). A mode is fitted or frozen by which side of the cut-off θ_i
-    lies on, so it is
-
-    * undecided when ``ρ_i ≥ |θ_i − cut|``: an eigenvalue of A lies within
-      ``ρ_i`` of θ_i, on either side — the whole mode counts;
-    * mixed with the other side by at most ``ρ_i / g_i`` otherwise (Davis–Kahan),
-      ``g_i`` the distance to the nearest Ritz value across the cut-off (the
-      spectrum the answer lives on once the Krylov space is invariant).
-
-    Returns ``(w_lanczos, w_total, inv_sqrt)``, each (c, M): those fractions of
-    the mode's weight ``|‖r₀‖ s_1i|`` for residuals above round-off (more
-    steps shrink them) and for ``ρ_i + δ`` (more steps cannot), and
-    ``1/√max(θ_i, cut)``, which turns a weight into the largest ``‖Jᵀ·‖`` it
-    can put into α_∞.
-    """
-    eps = float(jnp.finfo(lam.dtype).eps)
-    last = jnp.take(vecs, jnp.maximum(k - 1, 0), axis=1)  # (c, M): s_ki
-    beta_k = jnp.take(betas, jnp.maximum(k - 1, 0), axis=0)  # (c,)
-    delta = 2.0 * eps * theta_max
-    res = jnp.abs(beta_k[:, None] * last)
-    dist = jnp.abs(lam - cutoff)
-    kept = live & (lam > cutoff)
-    across = live[:, :, None] & live[:, None, :] & (kept[:, :, None] != kept[:, None, :])  # (c, M, M)
-    gap = jnp.min(jnp.where(across, jnp.abs(lam[:, :, None] - lam[:, None, :]), jnp.inf), axis=2)
-
-    def share(rho):
-        mixed = jnp.minimum(1.0, rho / jnp.where(jnp.isfinite(gap) & (gap > 0), gap, jnp.inf))
-        return jnp.where(live, jnp.where(rho >= dist, 1.0, mixed), 0.0)
-
-    weight = jnp.abs(first)
-    w_lanczos = jnp.where(res > delta, share(res), 0.0) * weight
-    w_total = share(res + delta) * weight
-    inv_sqrt = jax.lax.rsqrt(jnp.maximum(jnp.maximum(lam, cutoff), jnp.finfo(lam.dtype).tiny))
-    return w_lanczos, w_total, inv_sqrt
+            amplification)
 
 
 # --------------------------------------------------------------------------- #
@@ -348,11 +298,6 @@ def _energy(x: jax.Array, alphas: jax.Array, betas: jax.Array, k, reg) -> jax.Ar
 
 def _norm_sq(x: jax.Array, axes) -> jax.Array:
     return jnp.sum(x * x, axis=axes)
-
-
-def _ratio(num, scale):
-    """``num / scale``, 0 where ``num`` is 0, inf where only ``scale`` is."""
-    return jnp.where(num > 0, num / jnp.where(scale > 0, scale, 1.0) + jnp.where(scale > 0, 0.0, jnp.inf), 0.0)
 
 
 def _relative_change(new, old, scale):
@@ -481,27 +426,18 @@ def lanczos_dynamics(
 
     def check(state):
         k = state["j"]
-        c_fit, c_gain, ritz, theta_max, cutoff, amplification, (w_lanczos, w_total, inv_sqrt) = _coefficients(
+        c_fit, c_gain, ritz, theta_max, cutoff, amplification = _coefficients(
             state["alphas"], state["betas"], k, state["scale"], beta0, times, **coeffs
         )
-        r0_norm = jnp.sqrt(jnp.sum(beta0 * beta0))
-        est_out = _relative_change(c_fit, state["c_fit"], r0_norm)
+        est_out = _relative_change(c_fit, state["c_fit"], jnp.sqrt(jnp.sum(beta0 * beta0)))
         energy = lambda x: _energy(x, state["alphas"], state["betas"], k, reg)  # noqa: E731
         moved, size = jnp.sqrt(energy(c_gain - state["c_gain"])), jnp.sqrt(energy(c_gain))
         est_alpha = jnp.where(moved > 0, moved / jnp.where(size > 0, size, 1.0), 0.0)
         invariant = jnp.all(state["done"])
         est_out = jnp.where(invariant, 0.0, est_out)
         est_alpha = jnp.where(invariant, 0.0, est_alpha)
-        # t = ∞: the part of r₀ whose side of the cut-off the Ritz pairs cannot tell (_cut_ambiguity);
-        # the Lanczos residual's share keeps iterating, the round-off's joins the floor
-        at_inf = jnp.isinf(times)
-        ambiguous = lambda w, scale: jnp.where(  # noqa: E731
-            at_inf, _ratio(jnp.sqrt(jnp.sum(w * w)), scale), 0.0)
-        est_out = jnp.maximum(est_out, ambiguous(w_lanczos, r0_norm))
-        est_alpha = jnp.maximum(est_alpha, ambiguous(w_lanczos * inv_sqrt, size))
         # round-off floor: k·eps for the outputs, k·eps·√(amplification) for α_t in the weights norm
         floor = k.astype(dtype) * eps * jnp.sqrt(amplification)
-        floor = jnp.maximum(floor, jnp.maximum(ambiguous(w_total, r0_norm), ambiguous(w_total * inv_sqrt, size)))
         return dict(
             state,
             c_fit=c_fit, c_gain=c_gain, ritz=ritz, theta_max=theta_max, cutoff=cutoff,

@@ -144,25 +144,6 @@ def test_singular_kernel_at_infinity_is_the_minimum_norm_least_squares_answer(dt
     assert int(sol.info.iterations) <= 8  # six modes plus the null direction, then the space is invariant
 
 
-@pytest.mark.parametrize("seed", [0, 2])
-def test_float32_cut_off_ambiguity_at_infinity_is_in_the_estimate(seed):
-    """Three modes at 0.7, 0.9 and 1.3× the float32 cut-off: which side of the cut each Ritz pair falls on is
-    not decided in float32, and the t = ∞ answer was 7–21 % off while the estimate claimed 0.14 %."""
-    rng = np.random.default_rng(seed)
-    m = 24
-    q, _ = np.linalg.qr(rng.standard_normal((m, m)))
-    w = np.geomspace(1.0, 1e-2, m)
-    cut = m * np.finfo(np.float32).eps
-    w[-3:] = [0.7 * cut, 0.9 * cut, 1.3 * cut]
-    a = ((q * w) @ q.T).astype(np.float32)
-    r0 = rng.standard_normal((m, 1)).astype(np.float32)
-    sol = _solve(a, r0, np.array([np.inf], np.float32), n=m)
-    residual, alpha = _exact(a, r0, np.array([np.inf]), n=m, rcond=cut)
-    true = _errors(sol, residual, alpha, r0, a.astype(np.float64))
-    assert true[0] > 10 * krylov.default_tol(jnp.float32)  # the case is a hard one
-    assert np.all(np.asarray(sol.info.error_estimate) >= true)
-
-
 def test_zero_residual_gives_zero_without_iterating():
     a = _psd(40, 1.0)
     sol = _solve(a, np.zeros((40, 1)), TIMES, n=40)

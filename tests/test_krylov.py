@@ -342,3 +342,25 @@ def test_krylov_program_runs_every_matmul_at_full_precision():
         )
         assert static["precision"] == "highest"
         assert_full_precision(program.lower(*args, **static).as_text())
+
+
+def test_an_exactly_singular_kernel_at_infinite_time_converges_long_before_its_rank():
+    """Duplicate inputs / P < N give exact zeros: the null part of r0 must not hold the t = inf solve open.
+
+    A stricter t = inf estimate (reverted) counted the null Ritz pair as undecided until its residual fell to
+    the cut-off, so this solve ran to max_iter with a KrylovConvergenceWarning although it had converged.
+    """
+    rng = np.random.default_rng(1)
+    m, rank = 120, 100
+    q, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    lam = np.r_[np.zeros(m - rank), np.linspace(1.0, 10.0, rank)]
+    a = jnp.asarray((q * lam) @ q.T, dtype=jnp.float64)
+    r0 = jnp.asarray(rng.standard_normal((m, 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", krylov.KrylovConvergenceWarning)
+        sol = krylov.lanczos_dynamics(lambda v: a @ v, r0, jnp.inf, n=m, max_iter=rank)
+    keep = lam > 0
+    coef = q.T @ np.asarray(r0)
+    exact = q[:, keep] @ (coef[keep] / lam[keep, None])
+    assert bool(sol.info.converged) and int(sol.info.iterations) <= rank // 2
+    np.testing.assert_allclose(np.asarray(sol.alpha)[0], exact, rtol=0, atol=1e-8 * np.abs(exact).max())

@@ -206,7 +206,7 @@ def solve(k_train_train: jax.Array, y_train: jax.Array, fx_train_0: jax.Array, t
     train, test, alpha = _evaluate(
         spec, mat, root, r0, prob.y_train, prob.times, jnp.asarray(prob.lr, dtype), jnp.asarray(prob.diag_reg, dtype),
         k_st, prob.fx_test_0, time=time, traced=traced, momentum=prob.momentum,
-        psd_tol=_validate.psd_tolerance(mat.shape[0], dtype),
+        psd_tol=_validate.psd_tolerance(mat.shape[0], dtype), kernel_checked=_validate.is_concrete(mat),
     )
     return Solution(train=train, test=test, alpha=alpha, spectrum=spec, n=prob.n)
 
@@ -284,9 +284,9 @@ def _check_discrete_rate(lam_max: float, lr: float, beta: float, n: int, times, 
         )
 
 
-@functools.partial(jax.jit, static_argnames=("time", "traced", "momentum", "psd_tol"))
+@functools.partial(jax.jit, static_argnames=("time", "traced", "momentum", "psd_tol", "kernel_checked"))
 def _evaluate(spec, mat, root, r0, y_train, times, lr, diag_reg, k_st, fx_test_0, *, time: str, traced: bool,
-              momentum: float, psd_tol: float):
+              momentum: float, psd_tol: float, kernel_checked: bool = False):
     """Train outputs, test outputs and α at every time, from one spectrum (shapes in :class:`Solution`).
 
     Traced arguments are not checked eagerly: an invalid value (η ≤ 0,
@@ -320,6 +320,8 @@ def _evaluate(spec, mat, root, r0, y_train, times, lr, diag_reg, k_st, fx_test_0
 
     if root is None:
         low, top = _kernel_extremes(spec)
+    elif kernel_checked:  # a concrete Θ was checked on the host (_check_spectrum): no second eigvalsh
+        low, top = jnp.zeros((), mat.dtype), jnp.ones((), mat.dtype)
     else:  # P (Θ + reg·I) P can hide a negative direction of Θ: Θ's own spectrum
         own = jnp.linalg.eigvalsh(0.5 * (mat + mat.T))
         low, top = own[0], jnp.maximum(own[-1], jnp.abs(own[0]))

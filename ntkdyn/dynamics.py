@@ -325,7 +325,7 @@ def _evaluate(spec, mat, root, r0, y_train, times, lr, diag_reg, k_st, fx_test_0
     else:  # P (Θ + reg·I) P can hide a negative direction of Θ: Θ's own spectrum
         own = jnp.linalg.eigvalsh(0.5 * (mat + mat.T))
         low, top = own[0], jnp.maximum(own[-1], jnp.abs(own[0]))
-    ok = _valid_hyper(lr, diag_reg) & _symmetric(mat, psd_tol) & (low >= -psd_tol * top)
+    ok = _valid_hyper(lr, diag_reg) & _validate.traced_symmetric_psd(mat, psd=False) & (low >= -psd_tol * top)
     ok_t = ok & (times >= 0)
     if momentum > 0:
         ok_t = ok_t & (jnp.isinf(times) | (times == jnp.round(times)))
@@ -339,11 +339,6 @@ def _valid_hyper(lr, diag_reg) -> jax.Array:
     if lr is not None:
         ok = ok & jnp.isfinite(lr) & (lr > 0)
     return ok & jnp.isfinite(diag_reg) & (diag_reg >= 0)
-
-
-def _symmetric(mat, psd_tol: float) -> jax.Array:
-    """Traced twin of :func:`ntkdyn._validate.symmetric`: ``max|M − Mᵀ| <= tol · max|M|``."""
-    return jnp.max(jnp.abs(mat - mat.T)) <= psd_tol * jnp.max(jnp.abs(mat))
 
 
 @contextlib.contextmanager
@@ -581,5 +576,6 @@ def max_learning_rate(
     limit = jnp.where(lam_max > 0, 2.0 * (1.0 + beta) * n / jnp.where(lam_max > 0, lam_max, 1.0), jnp.inf)
     tol = _validate.psd_tolerance(mat.shape[0], mat.dtype)
     # under jit: NaN for what the eager checks reject (asymmetric or indefinite kernel, bad diag_reg)
-    ok = _valid_hyper(None, jnp.asarray(diag_reg, mat.dtype)) & _symmetric(mat, tol) & (low >= -tol * scale)
+    ok = (_valid_hyper(None, jnp.asarray(diag_reg, mat.dtype)) & _validate.traced_symmetric_psd(mat, psd=False)
+          & (low >= -tol * scale))
     return jnp.where(ok, limit, jnp.nan)
